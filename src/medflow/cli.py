@@ -1,0 +1,231 @@
+"""The ``medflow`` command: one verb per pipeline stage.
+
+    medflow datasets list | build NAME --out DIR | verify DIR
+    medflow train    --data DIR --out RUN_DIR [hyperparameters]
+    medflow predict  --model CHECKPOINT --input FILE_OR_DIR --out DIR
+    medflow evaluate --pred DIR --ref DIR --out DIR
+
+A problem with the user's input ends the command with one line on stderr naming the file or
+value, and exit code 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from medflow import __version__
+from medflow.errors import MedflowError
+
+EXIT_USER_ERROR = 2
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The ``Attributes:`` entries of a dataclass docstring, for ``--help``."""
+    doc = cls.__doc__ or ""
+    helps, current = {}, None
+    for line in doc.split("Attributes:", 1)[-1].splitlines():
+        m = re.match(r"\s{8}(\w+): (.*)", line)
+        if m:
+            current = m.group(1)
+            helps[current] = m.group(2).strip().replace("``", "")
+        elif current and line.strip():
+            helps[current] += " " + line.strip().replace("``", "")
+    return helps
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per dataclass field, typed from its default."""
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        text = f"{helps.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        elif isinstance(default, tuple):
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                metavar="C1,C2,...",
+                type=lambda s: tuple(int(v) for v in s.split(",")),
+                help=text,
+            )
+        elif default is None or isinstance(default, int):
+            parser.add_argument(flag, dest=f.name, type=int, default=None, help=text)
+        elif isinstance(default, float):
+            parser.add_argument(flag, dest=f.name, type=float, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=str, default=None, help=text)
+
+
+def _config_from_args(cls: type, args: argparse.Namespace):
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name) is not None
+    }
+    try:
+        return cls(**given)
+    except ValueError as exc:
+        raise MedflowError(f"bad training option: {str(exc).split(' (got ')[0]}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medflow.segmentation.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="medflow", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"medflow {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    ds = verbs.add_parser("datasets", help="list, build and verify datasets")
+    ds_verbs = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ds_verbs.add_parser("list", help="list the embedded datasets")
+    b = ds_verbs.add_parser("build", help="build an embedded dataset as an nnU-Net raw folder")
+    b.add_argument("name", help="mni152-tissue or dsb-nuclei")
+    b.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    b.add_argument("--force", action="store_true", help="replace an existing folder")
+    v = ds_verbs.add_parser("verify", help="open every file of a dataset and report problems")
+    v.add_argument("root", type=Path, help="dataset folder (nnU-Net raw v2 or MSD)")
+
+    t = verbs.add_parser("train", help="train a segmenter on a dataset folder")
+    t.add_argument("--data", required=True, type=Path, help="dataset folder")
+    t.add_argument("--out", required=True, type=Path, help="run folder")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    t.add_argument("--resume", action="store_true", help="continue from checkpoint_last.pt")
+    t.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(t.add_argument_group("hyperparameters"), TrainConfig)
+
+    p = verbs.add_parser("predict", help="predict label maps for a file or a folder")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint (.pt)")
+    p.add_argument("--input", required=True, type=Path, help="image file or folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--steps", type=int, default=1, help="ODE steps (default 1: one evaluation)")
+    p.add_argument("--sampler", default="euler", choices=("euler", "heun"))
+    p.add_argument("--samples", type=int, default=1, help="noise draws averaged (ensemble)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--force", action="store_true", help="overwrite existing predictions")
+    p.add_argument("--quiet", action="store_true")
+
+    e = verbs.add_parser("evaluate", help="Dice, IoU, HD95, ASSD of predictions")
+    e.add_argument("--pred", required=True, type=Path, help="folder of predictions")
+    e.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
+    e.add_argument("--out", required=True, type=Path, help="folder for per_case.csv, summary.json")
+    e.add_argument("--force", action="store_true", help="overwrite an existing summary")
+    return parser
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from medflow.data import builtin
+
+    if args.action == "list":
+        for name, ds in builtin.BUILTINS.items():
+            print(f"{name:15s} {ds.description}")
+        return 0
+    if args.action == "build":
+        meta = builtin.build(args.name, args.out, force=args.force)
+        split = meta["medflow"]["split"]
+        print(
+            f"built {args.name} in {args.out}: {len(split['train'])} training and "
+            f"{len(split['test'])} test cases"
+        )
+        return 0
+    from medflow.data.layout import verify_dataset
+
+    problems = verify_dataset(args.root)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"{args.root}: {len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"{args.root}: OK")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from medflow.segmentation.config import TrainConfig
+    from medflow.segmentation.train import train
+
+    cfg = _config_from_args(TrainConfig, args)
+    result = train(
+        args.data,
+        args.out,
+        cfg,
+        device=args.device,
+        resume=args.resume,
+        force=args.force,
+        quiet=args.quiet,
+    )
+    best = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s; best validation Dice "
+        f"{best} at step {result.best_step}; model: {result.best_checkpoint}"
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from medflow.segmentation.predict import SamplingOptions, predict_folder
+    from medflow.segmentation.runtime import configure_threads
+
+    if args.steps < 1 or args.samples < 1 or args.batch_size < 1:
+        raise MedflowError("--steps, --samples and --batch-size must be >= 1")
+    configure_threads(args.threads)
+    options = SamplingOptions(
+        steps=args.steps,
+        sampler=args.sampler,
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    written = predict_folder(
+        args.model,
+        args.input,
+        args.out,
+        options=options,
+        device=args.device,
+        force=args.force,
+        quiet=args.quiet,
+    )
+    print(f"wrote {len(written)} prediction(s) to {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from medflow.metrics.summary import evaluate_folders, format_summary
+
+    summary = evaluate_folders(args.pred, args.ref, args.out, force=args.force)
+    print(format_summary(summary))
+    print(f"per-case results: {args.out / 'per_case.csv'}, {args.out / 'summary.json'}")
+    return 0
+
+
+VERBS = {"datasets": _datasets, "train": _train, "predict": _predict, "evaluate": _evaluate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; returns the exit code (0 ok, 2 user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return VERBS[args.verb](args)
+    except MedflowError as exc:
+        print(f"medflow {args.verb}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"medflow {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reading medical images and datasets: formats, layouts, slices, transforms, built-in data."""

@@ -1,0 +1,159 @@
+"""Cases -> in-memory 2D slices at the training size, and leak-free train/validation splits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medflow.data.io import Volume, read_image, read_label
+from medflow.data.layout import Case, DatasetSpec
+from medflow.data.transforms import (
+    Preprocessing,
+    choose_slice_axis,
+    ct_statistics,
+    nonzero_box,
+    normalise,
+    resize_images,
+    resize_labels,
+    scheme_for,
+    to_slices,
+)
+from medflow.errors import DataError
+
+CT_SAMPLES_PER_CASE = 20000
+
+
+@dataclass
+class SliceSet:
+    """Slices held in memory for training or validation.
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32, normalised.
+        masks: ``(N, H, W)`` uint8 label maps.
+        case_ids: the case each slice came from, length N.
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    case_ids: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> SliceSet:
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        return SliceSet(self.images[idx], self.masks[idx], [self.case_ids[i] for i in idx])
+
+
+def plan_preprocessing(
+    spec: DatasetSpec, cases: Sequence[Case], size: tuple[int, int], slice_axis: int | None = None
+) -> Preprocessing:
+    """Decide normalisation, slice axis and size from the training cases.
+
+    CT channels need the training set's foreground intensity statistics, so every case is
+    read once; other schemes need only the first case (for the slice axis).
+    """
+    schemes = tuple(scheme_for(n) for n in spec.channel_names)
+    first = read_image(cases[0].images)
+    axis = (
+        choose_slice_axis(first.geometry.spacing, first.geometry.shape)
+        if slice_axis is None
+        else slice_axis
+    )
+    if axis not in (0, 1, 2):
+        raise ValueError(f"slice axis must be 0, 1 or 2, got {axis}")
+    ct_stats = []
+    ct_channels = [c for c, s in enumerate(schemes) if s == "ct"]
+    if ct_channels:
+        rng = np.random.default_rng(0)
+        samples: dict[int, list[np.ndarray]] = {c: [] for c in ct_channels}
+        for case in cases:
+            img = read_image(case.images).array
+            fg = read_label(case.label).array > 0
+            for c in ct_channels:
+                v = img[c][fg] if fg.any() else img[c].ravel()
+                take = min(v.size, CT_SAMPLES_PER_CASE)
+                samples[c].append(rng.choice(v, size=take, replace=False))
+        ct_stats = [ct_statistics(samples[c]) for c in ct_channels]
+    return Preprocessing(
+        schemes=schemes,
+        slice_axis=axis,
+        size=tuple(size),
+        ct_stats=tuple(tuple(s) for s in ct_stats),
+    )
+
+
+def prepare_image(
+    image: Volume, prep: Preprocessing
+) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
+    """Normalise, crop to nonzero and slice a volume: returns network-ready slices
+    ``(N, C, H, W)`` and the crop box (in ``(X, Y, Z)``) they came from."""
+    arr = image.array
+    if arr.shape[0] != len(prep.schemes):
+        raise DataError(
+            image.path,
+            f"has {arr.shape[0]} channel(s) but the model was trained on {len(prep.schemes)}",
+        )
+    if prep.slice_axis >= 3 or arr.shape[1 + prep.slice_axis] < 1:
+        raise DataError(image.path, f"cannot slice along axis {prep.slice_axis}")
+    box = nonzero_box(arr) if prep.crop_nonzero else tuple(slice(0, s) for s in arr.shape[1:])
+    cropped = normalise(arr[(slice(None), *box)], prep)
+    slices = torch.from_numpy(to_slices(cropped, prep.slice_axis))
+    return resize_images(slices, prep.size), box
+
+
+def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) -> SliceSet:
+    """Read labelled cases and return all their slices at the training size."""
+    images, masks, ids = [], [], []
+    for case in cases:
+        if case.label is None:
+            raise DataError(case.images[0], "has no label map")
+        img = read_image(case.images)
+        lab = read_label(case.label)
+        if lab.geometry.shape != img.geometry.shape:
+            raise DataError(
+                case.label,
+                f"shape {lab.geometry.shape} differs from its image's {img.geometry.shape}",
+            )
+        if int(lab.array.max()) >= num_classes:
+            raise DataError(
+                case.label,
+                f"holds label {int(lab.array.max())} but only 0..{num_classes - 1} are declared",
+            )
+        x, box = prepare_image(img, prep)
+        y = torch.from_numpy(to_slices(lab.array[box][None], prep.slice_axis)[:, 0])
+        images.append(x)
+        masks.append(resize_labels(y, prep.size, num_classes).to(torch.uint8))
+        ids.extend([case.case_id] * x.shape[0])
+    return SliceSet(torch.cat(images), torch.cat(masks), ids)
+
+
+def split_cases(
+    cases: Sequence[Case], val_fraction: float, seed: int
+) -> tuple[list[Case], list[Case]]:
+    """Hold out whole cases for validation (at least one when there are two or more)."""
+    cases = list(cases)
+    if len(cases) < 2 or val_fraction <= 0:
+        return cases, []
+    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
+    order = np.random.default_rng(seed).permutation(len(cases))
+    val = sorted(order[:n_val].tolist())
+    return [c for i, c in enumerate(cases) if i not in val], [cases[i] for i in val]
+
+
+def split_slab(n: int, val_fraction: float, gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the slices of a single volume into a training part and one contiguous
+    validation slab in the middle, dropping ``gap`` slices on each side of the slab so that
+    no training slice neighbours a validation slice."""
+    n_val = max(1, round(val_fraction * n))
+    if n - n_val - 2 * gap < 1:
+        raise ValueError(
+            f"a volume of {n} slices is too thin to split off {n_val} slices with a gap of {gap}"
+        )
+    start = (n - n_val) // 2
+    val = np.arange(start, start + n_val)
+    train = np.array([i for i in range(n) if i < start - gap or i >= start + n_val + gap])
+    return train, val

@@ -1,0 +1,36 @@
+"""Errors a user can act on.
+
+Anything raised as :class:`MedflowError` is the user's to fix (a bad file, a bad value); the CLI
+prints its message on one line and exits with code 2. Any other exception is our bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedflowError(Exception):
+    """A problem with the user's input, stated in one line."""
+
+
+class DataError(MedflowError):
+    """A file or folder that cannot be used, named in the message.
+
+    Args:
+        path: the offending file or folder.
+        problem: what is wrong with it and, where useful, what to do.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class OutputExistsError(MedflowError):
+    """The output location already holds results and ``--force`` was not given."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        super().__init__(f"{path}: already exists and holds results; pass --force to overwrite")

@@ -1,0 +1,29 @@
+"""Flow matching for masks: paths, samplers, losses.
+
+Conventions, fixed once for the whole package:
+
+* Time ``t`` lies in [0, 1]; ``t = 0`` is noise, ``t = 1`` is data.
+* The path is straight (conditional optimal transport):
+  ``x_t = (1 - t) * x0 + t * x1`` with target velocity ``dx_t = x1 - x0``.
+* A velocity model is called as ``model(x_t, t, cond) -> velocity`` with ``t`` of shape
+  ``(B,)`` and tensors of shape ``(B, C, H, W)``.
+* Masks on disk are integer label maps (0 = background). The flow sees them through one pair
+  of functions, :func:`mask_to_flow` (one-hot scaled to [-1, 1]) and :func:`flow_to_mask`
+  (argmax over channels).
+"""
+
+from medflow.flows.encoding import flow_to_mask, flow_to_probs, mask_to_flow
+from medflow.flows.paths import LinearPath, PathSample, sample_time
+from medflow.flows.samplers import euler, heun, one_step
+
+__all__ = [
+    "LinearPath",
+    "PathSample",
+    "euler",
+    "flow_to_mask",
+    "flow_to_probs",
+    "heun",
+    "mask_to_flow",
+    "one_step",
+    "sample_time",
+]

@@ -1,0 +1,60 @@
+"""Turn a network that predicts the endpoint into the velocity field a sampler integrates.
+
+On the straight path the marginal velocity is
+``u_t(x) = E[x1 - x0 | x_t = x] = (E[x1 | x_t = x] - x) / (1 - t)``,
+so a network that predicts the endpoint ``x1_hat = E[x1 | x_t, image]`` defines the same
+field as one that predicts velocity directly. MedFlowSeg's network outputs logits and the
+endpoint is ``x1_hat = 2 * softmax(logits) - 1``: a point of the scaled probability simplex,
+which is exactly the set the posterior mean of a one-hot mask can take. The parameterisation
+therefore restricts nothing, and one Euler step from ``t = 0``,
+``x1 = x0 + 1 * u_0(x0) = x1_hat(x0, 0)``, lands on a valid soft mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medflow.flows.paths import LinearPath
+
+DEFAULT_MIN_GAP = 0.05
+
+
+def logits_to_endpoint(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, K, H, W)`` logits -> endpoint on the scaled simplex, ``2 softmax - 1``."""
+    return 2.0 * torch.softmax(logits.float(), dim=1) - 1.0
+
+
+@dataclass
+class Conditioning:
+    """What the velocity field is conditioned on: the image and its cached features."""
+
+    image: torch.Tensor
+    feats: list[torch.Tensor] | None = None
+
+
+class EndpointVelocity:
+    """``velocity(x, t, cond)`` for a :class:`~medflow.models.unet.SegNet` in flow mode.
+
+    Args:
+        net: maps ``(x_t, t, image)`` to endpoint logits.
+        min_gap: floor on ``1 - t`` in the velocity (only reached at the last instants).
+    """
+
+    def __init__(self, net: nn.Module, min_gap: float = DEFAULT_MIN_GAP) -> None:
+        self.net = net
+        self.min_gap = min_gap
+
+    def condition(self, image: torch.Tensor) -> Conditioning:
+        """Compute the image-branch features once for all steps of a sampler."""
+        feats = self.net.image_features(image) if hasattr(self.net, "image_features") else None
+        return Conditioning(image, feats)
+
+    def logits(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.net(x, t, cond.image, feats=cond.feats)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        x1_hat = logits_to_endpoint(self.logits(x, t, cond)).to(x.dtype)
+        return LinearPath.velocity_from_endpoint(x1_hat, x, t, self.min_gap)

@@ -1,0 +1,59 @@
+"""Integrators for ``dx/dt = velocity(x, t, cond)`` from noise (t=0) to data (t=1).
+
+A sampler only integrates: it knows nothing of models, masks or images. ``velocity`` is any
+callable ``(x, t, cond) -> dx/dt`` with ``t`` of shape ``(B,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def _times(steps: int, device: torch.device) -> torch.Tensor:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(0.0, 1.0, steps + 1, device=device)
+
+
+@torch.no_grad()
+def euler(velocity: Velocity, x0: torch.Tensor, cond: Any = None, steps: int = 1) -> torch.Tensor:
+    """Explicit Euler with ``steps`` uniform steps; ``steps`` network evaluations."""
+    ts = _times(steps, x0.device)
+    x = x0
+    for i in range(steps):
+        t, dt = ts[i], ts[i + 1] - ts[i]
+        x = x + dt * velocity(x, t.expand(x.shape[0]), cond)
+    return x
+
+
+@torch.no_grad()
+def heun(velocity: Velocity, x0: torch.Tensor, cond: Any = None, steps: int = 1) -> torch.Tensor:
+    """Heun's second-order method; the last step is an Euler step because the velocity at
+    ``t = 1`` is undefined for endpoint-parameterised models. ``2 * steps - 1`` evaluations."""
+    ts = _times(steps, x0.device)
+    x = x0
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        dt = t_next - t
+        v = velocity(x, t.expand(x.shape[0]), cond)
+        x_euler = x + dt * v
+        if i == steps - 1:
+            x = x_euler
+        else:
+            v_next = velocity(x_euler, t_next.expand(x.shape[0]), cond)
+            x = x + dt * 0.5 * (v + v_next)
+    return x
+
+
+@torch.no_grad()
+def one_step(velocity: Velocity, x0: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    """One network evaluation: ``x1 = x0 + velocity(x0, 0, cond)``; the default for inference."""
+    return euler(velocity, x0, cond, steps=1)
+
+
+SAMPLERS = {"euler": euler, "heun": heun}

@@ -1,0 +1,1 @@
+"""Segmentation quality: overlap (Dice, IoU), surface distances (HD95, ASSD), summaries."""

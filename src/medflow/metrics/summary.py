@@ -1,0 +1,291 @@
+"""Score predictions against references: one case, or two folders into ``per_case.csv`` and
+``summary.json``.
+
+Every foreground class (label value other than 0) gets Dice, IoU, HD95 and ASSD (mm) with the
+empty-mask policy of :mod:`medflow.metrics.overlap` and :mod:`medflow.metrics.surface`, so
+every value is finite and every case counts in the means. Each row also records
+``ref_voxels`` and ``pred_voxels``, so a reader can see which rows the policy decided.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medflow.data.io import SUPPORTED_ENDINGS, atomic_write, file_ending, read_label
+from medflow.errors import DataError, OutputExistsError
+from medflow.metrics.overlap import confusion, dice, iou
+from medflow.metrics.surface import surface_metrics
+
+METRICS = ("dice", "iou", "hd95", "assd")
+CSV_COLUMNS = ("case", "class", *METRICS, "ref_voxels", "pred_voxels")
+EMPTY_POLICY = (
+    "reference and prediction empty: dice=iou=1, hd95=assd=0; exactly one empty (missed or "
+    "false structure): dice=iou=0, hd95=assd=image diagonal sqrt(sum(((n_i-1)*s_i)^2)) mm; "
+    "every case counts in the means"
+)
+
+
+def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
+    """Return ``labels`` as a plain dict after checking names and values; ValueError if bad."""
+    if not isinstance(labels, Mapping):
+        raise ValueError(f"labels must map class names to integer values, got {labels!r}")
+    for name, value in labels.items():
+        # bool is an int subclass, and JSON true/false is never meant as a label value
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"label {name!r}: {value!r} is not a name -> integer value pair")
+        if value < 0:
+            raise ValueError(f"label {name!r} has negative value {value}")
+    values = list(labels.values())
+    if len(set(values)) != len(values):
+        raise ValueError(f"labels {dict(labels)} give the same value to two classes")
+    if not any(v != 0 for v in values):
+        raise ValueError(f"labels {dict(labels)} name no foreground class (value other than 0)")
+    return dict(labels)
+
+
+def _foreground(labels: Mapping[str, int]) -> list[tuple[str, int]]:
+    """Foreground ``(name, value)`` pairs in value order, so rows and tables have one order."""
+    return sorted(((n, v) for n, v in labels.items() if v != 0), key=lambda nv: nv[1])
+
+
+def evaluate_case(
+    pred: np.ndarray, ref: np.ndarray, labels: dict[str, int], spacing: Sequence[float]
+) -> dict[str, dict[str, float]]:
+    """Score one predicted label map against its reference, per foreground class.
+
+    Args:
+        pred: predicted integer label map, 2D ``(H, W)`` or 3D ``(X, Y, Z)``.
+        ref: reference integer label map, same shape.
+        labels: class name -> label value; value 0 (background) is not scored.
+        spacing: voxel size in mm per axis of the maps.
+
+    Returns:
+        ``{class name: {"dice", "iou", "hd95", "assd", "ref_voxels", "pred_voxels"}}``; the
+        distances are in mm and the voxel counts are ints.
+
+    Raises:
+        ValueError: shapes differ, bad labels, or spacing does not fit the maps.
+    """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    out: dict[str, dict[str, float]] = {}
+    for name, value in _foreground(_check_labels(labels)):
+        tp, fp, fn = confusion(pred, ref, value)
+        hd95, assd = surface_metrics(pred == value, ref == value, spacing)
+        out[name] = {
+            "dice": dice(tp, fp, fn),
+            "iou": iou(tp, fp, fn),
+            "hd95": hd95,
+            "assd": assd,
+            "ref_voxels": tp + fn,
+            "pred_voxels": tp + fp,
+        }
+    return out
+
+
+def _label_files(folder: Path, role: str) -> dict[str, Path]:
+    """Case id -> label file for every supported file in ``folder`` (hidden files skipped)."""
+    if not folder.is_dir():
+        raise DataError(folder, f"{role} folder not found")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        # hidden names include atomic_write's temporary files from an interrupted run
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            ending = file_ending(path)
+        except DataError:
+            continue  # dataset.json, notes, ... live beside label maps
+        case = path.name[: -len(ending)]
+        if case in files:
+            raise DataError(path, f"case {case!r} is also {files[case].name}; keep one file")
+        files[case] = path
+    if not files:
+        endings = ", ".join(SUPPORTED_ENDINGS)
+        raise DataError(folder, f"{role} folder holds no label files ({endings})")
+    return files
+
+
+def _pair(
+    preds: dict[str, Path], refs: dict[str, Path], pred_dir: Path, ref_dir: Path
+) -> list[str]:
+    """Case ids present in both folders; DataError naming the first file without a partner."""
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        first = refs[missing[0]]
+        raise DataError(pred_dir / first.name, f"not found: no prediction for {first}{more}")
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        # a prediction nobody scores usually means the wrong folder was given
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise DataError(preds[extra[0]], f"has no reference in {ref_dir}{more}")
+    return sorted(refs)
+
+
+def _labels_from_dataset_json(path: Path) -> dict[str, int] | None:
+    """Labels of an nnU-Net v2 (``{name: value}``) or MSD (``{"1": name}``) ``dataset.json``."""
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"cannot be read as JSON: {exc}") from exc
+    labels = raw.get("labels") if isinstance(raw, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(path, 'has no "labels" mapping; add one or pass labels explicitly')
+    if all(isinstance(v, str) for v in labels.values()) and all(k.isdigit() for k in labels):
+        labels = {name: int(value) for value, name in labels.items()}  # MSD writes value -> name
+    for name, value in labels.items():
+        if isinstance(value, list):
+            raise DataError(
+                path, f"label {name!r} is a region {value}; regions are not supported, pass labels"
+            )
+    try:
+        return _check_labels(labels)
+    except ValueError as exc:
+        raise DataError(path, str(exc)) from exc
+
+
+def _labels_from_references(refs: dict[str, Path], ref_dir: Path) -> dict[str, int]:
+    """``{"background": 0, "label_1": 1, ...}`` from the values found in the references."""
+    values: set[int] = set()
+    for path in refs.values():
+        values.update(int(v) for v in np.unique(read_label(path).array))
+    values.discard(0)
+    if not values:
+        raise DataError(ref_dir, "references hold only background (0); pass labels explicitly")
+    return {"background": 0, **{f"label_{v}": v for v in sorted(values)}}
+
+
+def _evaluate_pair(case: str, pred_path: Path, ref_path: Path, labels: dict[str, int]) -> dict:
+    """Read, check and score one case; DataError naming the file at fault."""
+    ref = read_label(ref_path)
+    pred = read_label(pred_path)
+    if pred.array.shape != ref.array.shape:
+        shapes = f"shape {pred.array.shape} differs from {ref.array.shape} of reference {ref_path}"
+        raise DataError(pred_path, shapes)
+    known = set(labels.values()) | {0}
+    for path, vol in ((pred_path, pred), (ref_path, ref)):
+        unknown = sorted(set(np.unique(vol.array).tolist()) - known)
+        if unknown:
+            raise DataError(path, f"holds label value(s) {unknown} not in labels {labels}")
+    metrics = evaluate_case(pred.array, ref.array, labels, ref.geometry.spacing)
+    return {"case": case, "pred": str(pred_path), "ref": str(ref_path), "metrics": metrics}
+
+
+def _summarise(per_case: list[dict], labels: dict[str, int]) -> dict:
+    names = [name for name, _ in _foreground(labels)]
+
+    def stat(reduce) -> dict[str, dict[str, float]]:
+        return {
+            n: {m: float(reduce([c["metrics"][n][m] for c in per_case])) for m in METRICS}
+            for n in names
+        }
+
+    mean = stat(np.mean)
+    return {
+        "n_cases": len(per_case),
+        "labels": labels,
+        "policy": EMPTY_POLICY,
+        "spacing_source": "reference",
+        "mean": mean,
+        "std": stat(np.std),  # population std (ddof=0) over cases
+        "foreground_mean": {m: float(np.mean([mean[n][m] for n in names])) for m in METRICS},
+        "per_case": per_case,
+    }
+
+
+def _csv_text(summary: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in summary["per_case"]:
+        for name, m in row["metrics"].items():
+            writer.writerow([row["case"], name, *(m[k] for k in CSV_COLUMNS[2:])])
+    return buf.getvalue()
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    out_dir: str | Path,
+    labels: dict[str, int] | None = None,
+    force: bool = False,
+) -> dict:
+    """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
+
+    Files pair by case id (the file name without its ending, so ``case_001.nii.gz`` pairs with
+    ``case_001.nii.gz`` or ``case_001.png``). Distances use the reference file's spacing.
+    Everything is read, checked and scored before anything is written, and both outputs are
+    written atomically.
+
+    Args:
+        pred_dir: folder of predicted label maps.
+        ref_dir: folder of reference label maps.
+        out_dir: where ``per_case.csv`` and ``summary.json`` go (created if missing).
+        labels: class name -> value. ``None``: the ``labels`` of ``ref_dir.parent/dataset.json``
+            (nnU-Net v2 or MSD), else every value found in the references as ``label_<v>``.
+        force: overwrite existing results in ``out_dir``.
+
+    Returns:
+        The summary written to ``summary.json``: ``n_cases``, ``labels``, ``policy``,
+        ``spacing_source``, ``mean`` and ``std`` (``{class: {metric: value}}``),
+        ``foreground_mean`` (``{metric: mean of the class means}``) and ``per_case``
+        (``[{"case", "pred", "ref", "metrics": {class: {...}}}]``).
+
+    Raises:
+        OutputExistsError: ``out_dir`` holds results and ``force`` is False.
+        DataError: a folder is missing or empty, a reference has no prediction or a prediction
+            no reference, shapes differ, a map holds a value not in ``labels``, or
+            ``dataset.json`` is unusable.
+        ValueError: ``labels`` is malformed.
+    """
+    pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "is a file; expected an output folder")
+    outputs = (out_dir / "per_case.csv", out_dir / "summary.json")
+    if not force and any(p.exists() for p in outputs):
+        raise OutputExistsError(out_dir)
+
+    refs = _label_files(ref_dir, "reference")
+    preds = _label_files(pred_dir, "prediction")
+    cases = _pair(preds, refs, pred_dir, ref_dir)
+    if labels is not None:
+        labels = _check_labels(labels)
+    else:
+        labels = _labels_from_dataset_json(ref_dir.parent / "dataset.json")
+        if labels is None:
+            labels = _labels_from_references(refs, ref_dir)
+
+    per_case = [_evaluate_pair(c, preds[c], refs[c], labels) for c in cases]
+    summary = _summarise(per_case, labels)
+    # serialise both before writing either, so a failure cannot leave one file new, one stale
+    csv_text = _csv_text(summary)
+    json_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(outputs[0], lambda tmp: tmp.write_text(csv_text))
+    atomic_write(outputs[1], lambda tmp: tmp.write_text(json_text))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of the class means and the foreground mean, for the terminal."""
+    rows = [(name, m) for name, m in summary["mean"].items()]
+    rows.append(("foreground mean", summary["foreground_mean"]))
+    width = max(len("class"), *(len(name) for name, _ in rows))
+    header = f"{'class':<{width}}  {'Dice':>7}  {'IoU':>7}  {'HD95 mm':>9}  {'ASSD mm':>9}"
+    lines = [f"{summary['n_cases']} cases", header, "-" * len(header)]
+    for name, m in rows:
+        lines.append(
+            f"{name:<{width}}  {m['dice']:>7.4f}  {m['iou']:>7.4f}  "
+            f"{m['hd95']:>9.2f}  {m['assd']:>9.2f}"
+        )
+    return "\n".join(lines)

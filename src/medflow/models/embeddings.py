@@ -1,0 +1,59 @@
+"""Time embedding and the time-modulated residual block shared by the backbones."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def groups_for(channels: int) -> int:
+    """Largest of 8, 4, 2, 1 that divides ``channels`` (GroupNorm needs a divisor)."""
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """``t`` in [0, 1] of shape ``(B,)`` -> ``(B, dim)`` via sinusoids and a two-layer MLP.
+
+    ``t`` is scaled by 1000 first so the lowest frequencies still resolve small time steps,
+    as in DDPM's integer-timestep embedding.
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 64) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        args = t.float()[:, None] * 1000.0 * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1))
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block; with ``time_dim`` its second norm is modulated by
+    scale-and-shift from the time embedding (``GN(h) * (1 + s) + b``, as in improved DDPM).
+
+    Shapes: ``(B, C_in, H, W)`` -> ``(B, C_out, H, W)``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, time_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups_for(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups_for(c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.act = nn.SiLU()
+        self.film = nn.Linear(time_dim, 2 * c_out) if time_dim else None
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.norm2(h)
+        if self.film is not None:
+            scale, shift = self.film(temb)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1.0 + scale) + shift
+        h = self.conv2(self.act(h))
+        return self.skip(x) + h

@@ -1,0 +1,166 @@
+"""The MedFlowSeg velocity network and the plain UNet built from the same backbone code."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medflow.models.attention import DualBranchSpatialAttention, FrequencyAwareAttention
+from medflow.models.embeddings import ResBlock, SinusoidalTimeEmbedding, groups_for
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture of a segmentation network; stored in every checkpoint.
+
+    Attributes:
+        in_channels: image channels (modalities).
+        num_classes: K, background included; the flow state has K channels.
+        channels: feature channels per resolution level; level ``l`` works at ``1 / 2**l``
+            of the input size, so inputs must be divisible by ``2**(len(channels) - 1)``.
+        flow: True for the MedFlowSeg velocity network ``(x_t, t, image)``; False for the
+            plain discriminative UNet ``(image)`` with no flow state and no time.
+        dbsa: inject image features through Dual-Branch Spatial Attention (else by addition
+            of a 1x1 projection). Only with ``flow``.
+        faa: Frequency-Aware Attention at the bottleneck. Only with ``flow``.
+        time_dim: width of the time embedding.
+    """
+
+    in_channels: int
+    num_classes: int
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    flow: bool = True
+    dbsa: bool = True
+    faa: bool = True
+    time_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1 or self.num_classes < 2:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {self}")
+        if len(self.channels) < 2:
+            raise ValueError(f"need at least two resolution levels, got {self.channels}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NetConfig:
+        return cls(**{**d, "channels": tuple(d["channels"])})
+
+
+class SegNet(nn.Module):
+    """UNet-family backbone; the MedFlowSeg velocity network when ``cfg.flow`` is set.
+
+    Flow mode: ``forward(x_t (B, K, H, W), t (B,), image (B, C, H, W)) -> logits (B, K, H, W)``.
+    The trunk reads ``[x_t, image]``; every residual block is modulated by the time
+    embedding; a light image encoder produces features at every level that enter the trunk
+    through DBSA, and FAA mixes trunk and image spectra at the bottleneck. The logits
+    parameterise the predicted endpoint (see :mod:`medflow.flows.parameterization`).
+
+    Plain mode: ``forward(image) -> logits``, the same trunk without flow state, time or
+    image branch: the cost floor for a comparison.
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        tdim = cfg.time_dim if cfg.flow else None
+        self.time = SinusoidalTimeEmbedding(cfg.time_dim) if cfg.flow else None
+        stem_in = cfg.in_channels + (cfg.num_classes if cfg.flow else 0)
+        self.stem = nn.Conv2d(stem_in, ch[0], 3, padding=1)
+
+        if cfg.flow:
+            # the image branch sees no time: its features are the same for every step
+            self.cond_stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+            self.cond_down = nn.ModuleList(
+                nn.Sequential(
+                    nn.Conv2d(ch[i - 1], ch[i], 3, stride=2, padding=1),
+                    nn.GroupNorm(groups_for(ch[i]), ch[i]),
+                    nn.SiLU(),
+                )
+                for i in range(1, len(ch))
+            )
+            self.inject = nn.ModuleList(
+                DualBranchSpatialAttention(c) if cfg.dbsa else nn.Conv2d(c, c, 1) for c in ch
+            )
+            self.faa = FrequencyAwareAttention(ch[-1], cfg.time_dim) if cfg.faa else None
+
+        self.enc = nn.ModuleList()
+        self.down = nn.ModuleList()
+        c_prev = ch[0]
+        for i, c in enumerate(ch):
+            self.enc.append(ResBlock(c_prev, c, tdim))
+            if i < len(ch) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+            c_prev = c
+        self.mid = ResBlock(ch[-1], ch[-1], tdim)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(len(ch) - 1)):
+            self.up.append(nn.Conv2d(ch[i + 1], ch[i], 3, padding=1))
+            self.dec.append(ResBlock(2 * ch[i], ch[i], tdim))
+        self.head = nn.Sequential(
+            nn.GroupNorm(groups_for(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.num_classes, 1)
+        )
+
+    def image_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Image-branch features at every level; independent of ``x_t`` and ``t``, so a
+        multi-step sampler may compute them once per image."""
+        g = [self.cond_stem(image)]
+        for down in self.cond_down:
+            g.append(down(g[-1]))
+        return g
+
+    def _check(self, image: torch.Tensor) -> None:
+        m = self.cfg.size_multiple
+        if image.ndim != 4 or image.shape[1] != self.cfg.in_channels:
+            raise ValueError(
+                f"image must be (B, {self.cfg.in_channels}, H, W), got {tuple(image.shape)}"
+            )
+        if image.shape[-2] % m or image.shape[-1] % m:
+            raise ValueError(f"H and W must be multiples of {m}, got {tuple(image.shape[-2:])}")
+
+    def forward(self, *args: torch.Tensor, feats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.cfg.flow:
+            x_t, t, image = args
+            self._check(image)
+            temb = self.time(t)
+            g = feats if feats is not None else self.image_features(image)
+            h = self.stem(torch.cat([x_t, image], dim=1))
+        else:
+            (image,) = args
+            self._check(image)
+            temb, g = None, None
+            h = self.stem(image)
+
+        skips = []
+        for i, block in enumerate(self.enc):
+            h = block(h, temb)
+            if g is not None:
+                h = self.inject[i](h, g[i]) if self.cfg.dbsa else h + self.inject[i](g[i])
+            if i < len(self.down):
+                skips.append(h)
+                h = self.down[i](h)
+        h = self.mid(h, temb)
+        if g is not None and self.faa is not None:
+            h = self.faa(h, g[-1], temb)
+        for up, dec in zip(self.up, self.dec):
+            skip = skips.pop()
+            h = up(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+            h = dec(torch.cat([h, skip], dim=1), temb)
+        return self.head(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,51 @@
+"""Training curves from a run's ``log.csv``."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from medflow.data.io import atomic_write
+
+
+def read_log(path: str | Path) -> list[dict[str, float]]:
+    """Rows of ``log.csv`` as floats (empty cells become NaN)."""
+    with open(path, newline="") as f:
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def plot_training_curves(log_csv: str | Path, out_png: str | Path) -> Path:
+    """Draw loss terms against step and validation Dice against step into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_csv)
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in ("loss", "flow_loss", "seg_loss"):
+        if rows and key in rows[0]:
+            ax_loss.plot(steps, [r[key] for r in rows], label=key, linewidth=1)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("training loss")
+    ax_loss.legend()
+    val_keys = [k for k in (rows[0] if rows else {}) if k.startswith("val_")]
+    for key in val_keys:
+        pts = [(r["step"], r[key]) for r in rows if not math.isnan(r[key])]
+        if pts:
+            ax_val.plot(*zip(*pts), marker="o", markersize=3, label=key[4:], linewidth=1)
+    ax_val.set_xlabel("step")
+    ax_val.set_ylim(0, 1)
+    ax_val.set_title("validation Dice (one step, EMA weights)")
+    if val_keys:
+        ax_val.legend()
+    fig.tight_layout()
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return Path(out_png)

@@ -1,0 +1,56 @@
+"""Checkpoints: one dict of tensors and plain values, written atomically, read with
+``torch.load(weights_only=True)`` so a checkpoint cannot run code when it is opened."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from medflow.data.io import atomic_write
+from medflow.errors import DataError
+
+FORMAT = "medflow-checkpoint-v1"
+REQUIRED = ("format", "config", "net", "preprocessing", "labels", "channel_names", "model", "step")
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` (which must hold the :data:`REQUIRED` keys) to ``path`` atomically."""
+    missing = [k for k in REQUIRED if k not in payload]
+    assert not missing, f"checkpoint payload lacks {missing}"
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a medflow checkpoint on the CPU.
+
+    Raises:
+        DataError: the file is missing, not a checkpoint, holds pickled objects other than
+            tensors and plain containers (refused unread), or lacks medflow's keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(
+            path,
+            "refused: the checkpoint holds objects other than tensors and "
+            f"plain values, which could run code when loaded ({first[:120]})",
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise DataError(
+            path,
+            f"not a readable checkpoint (truncated or not a torch file?): "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}",
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise DataError(path, f"not a medflow checkpoint (expected format {FORMAT!r})")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise DataError(path, f"checkpoint lacks {', '.join(missing)}")
+    return ckpt

@@ -1,0 +1,128 @@
+"""Configuration of ``medflow train``: one frozen dataclass with CPU-sized defaults.
+
+The resolved config is written to ``run_dir/config.json`` and stored in every checkpoint
+together with the network and preprocessing, so ``medflow predict`` needs only the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from medflow.flows.losses import WEIGHTINGS
+
+MODELS = ("medflowseg", "unet")
+TIME_SCHEDULES = ("uniform", "logit_normal")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run.
+
+    Attributes:
+        model: ``"medflowseg"`` (flow matching, the default) or ``"unet"`` (the same
+            backbone trained discriminatively, for comparison).
+        size: slices are resized to ``size x size``.
+        slice_axis: spatial axis to slice along; None picks the coarsest (see
+            :func:`medflow.data.transforms.choose_slice_axis`).
+        val_fraction: fraction of training cases held out for validation.
+        channels: backbone width per resolution level.
+        dbsa: use Dual-Branch Spatial Attention (else plain addition of image features).
+        faa: use Frequency-Aware Attention at the bottleneck.
+        time_schedule: ``"logit_normal"`` or ``"uniform"`` training times.
+        time_loc: location of the logit-normal (negative favours the noise end).
+        time_scale: scale of the logit-normal.
+        time_zero_fraction: fraction of training times set to exactly 0, the one-step
+            operating point.
+        loss_weighting: ``"endpoint"`` or ``"velocity"`` (see :mod:`medflow.flows.losses`).
+        min_gap: floor on ``1 - t``.
+        flow_weight: weight of the flow-matching term.
+        seg_weight: weight of the cross-entropy + Dice term on the endpoint.
+        steps: optimiser steps.
+        batch_size: slices per step.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up before cosine decay to zero.
+        grad_clip: clip the global gradient norm (0 disables).
+        ema_decay: decay of the exponential moving average of weights.
+        augment: random flips, small affine and intensity changes.
+        val_every: validate (and keep the best checkpoint) every this many steps.
+        checkpoint_every: write a resumable checkpoint every this many steps.
+        seed: seeds data order, noise, times, augmentation and initialisation.
+        threads: intra-op threads on CPU; None uses every core.
+    """
+
+    model: str = "medflowseg"
+    size: int = 96
+    slice_axis: int | None = None
+    val_fraction: float = 0.15
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    dbsa: bool = True
+    faa: bool = True
+    time_schedule: str = "logit_normal"
+    time_loc: float = -1.0
+    time_scale: float = 1.0
+    time_zero_fraction: float = 0.5
+    loss_weighting: str = "endpoint"
+    min_gap: float = 0.05
+    flow_weight: float = 1.0
+    seg_weight: float = 1.0
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    augment: bool = True
+    val_every: int = 50
+    checkpoint_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.model in MODELS, f"model must be one of {MODELS}"),
+            (
+                self.time_schedule in TIME_SCHEDULES,
+                f"time_schedule must be one of {TIME_SCHEDULES}",
+            ),
+            (self.loss_weighting in WEIGHTINGS, f"loss_weighting must be one of {WEIGHTINGS}"),
+            (self.size >= 8, "size must be at least 8"),
+            (self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1"),
+            (self.lr > 0, "lr must be positive"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (0.0 < self.min_gap <= 1.0, "min_gap must be in (0, 1]"),
+            (0.0 <= self.time_zero_fraction <= 1.0, "time_zero_fraction must be in [0, 1]"),
+            (
+                self.val_every >= 1 and self.checkpoint_every >= 1,
+                "val_every and checkpoint_every must be >= 1",
+            ),
+            (self.slice_axis in (None, 0, 1, 2), "slice_axis must be 0, 1 or 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self})")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        multiple = 2 ** (len(self.channels) - 1)
+        if self.size % multiple:
+            raise ValueError(
+                f"size must be a multiple of {multiple} for {len(self.channels)} "
+                f"levels, got {self.size}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        d = dict(d)
+        if "channels" in d:
+            d["channels"] = tuple(d["channels"])
+        return cls(**d)

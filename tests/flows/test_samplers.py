@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from medflow.flows.samplers import euler, heun, one_step
+
+
+def constant(c):
+    return lambda x, t, cond: c.expand_as(x)
+
+
+def test_euler_integrates_a_constant_field_exactly():
+    x0, c = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    for steps in (1, 3, 8):
+        assert torch.allclose(euler(constant(c), x0, None, steps), x0 + c, atol=1e-6)
+
+
+def test_heun_is_exact_for_a_field_linear_in_time_up_to_its_final_euler_step():
+    # dx/dt = t: each trapezoidal Heun step integrates it exactly; the last step is Euler
+    # by design (the endpoint-parameterised velocity is singular at t = 1)
+    def field(x, t, cond):
+        return t.view(-1, 1, 1, 1).expand_as(x)
+
+    x0 = torch.zeros(2, 1, 2, 2)
+    expected = 0.75**2 / 2 + 0.25 * 0.75  # exact on [0, 3/4], Euler on [3/4, 1]
+    assert torch.allclose(heun(field, x0, None, 4), torch.full_like(x0, expected), atol=1e-6)
+    euler_value = 0.25 * (0 + 0.25 + 0.5 + 0.75)
+    assert torch.allclose(euler(field, x0, None, 4), torch.full_like(x0, euler_value), atol=1e-6)
+
+
+def test_one_step_equals_one_euler_step_and_counts_one_evaluation():
+    calls = []
+
+    def field(x, t, cond):
+        calls.append(t.clone())
+        return torch.sin(x) + cond
+
+    x0, cond = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    out = one_step(field, x0, cond)
+    assert len(calls) == 1 and torch.all(calls[0] == 0)
+    assert torch.allclose(out, x0 + torch.sin(x0) + cond)
+    assert torch.equal(out, euler(field, x0, cond, 1))
+
+
+def test_step_counts():
+    calls = []
+
+    def field(x, t, cond):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    euler(field, torch.zeros(1, 1, 2, 2), None, 5)
+    assert len(calls) == 5
+    calls.clear()
+    heun(field, torch.zeros(1, 1, 2, 2), None, 5)
+    assert len(calls) == 9  # two per step, one for the final Euler step
+
+
+def test_bad_step_count():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        euler(constant(torch.zeros(1)), torch.zeros(1, 1, 1, 1), None, 0)

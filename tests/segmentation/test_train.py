@@ -1,0 +1,130 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from medflow.errors import MedflowError, OutputExistsError
+from medflow.segmentation.checkpoint import load_checkpoint
+from medflow.segmentation.config import TrainConfig
+from medflow.segmentation.train import lr_factor, train
+
+TINY = dict(
+    size=16,
+    channels=(8, 16),
+    batch_size=4,
+    threads=1,
+    val_every=2,
+    checkpoint_every=2,
+    warmup_steps=2,
+)
+
+
+def test_config_validation_names_the_problem():
+    with pytest.raises(ValueError, match="size must be a multiple of 8"):
+        TrainConfig(size=20)
+    with pytest.raises(ValueError, match="model must be one of"):
+        TrainConfig(model="segformer")
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(steps=100, warmup_steps=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.5, abs=0.02)
+    assert lr_factor(100, cfg) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_writes_a_complete_run_folder(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_dataset, out, TrainConfig(steps=4, **TINY), quiet=True)
+    for name in (
+        "config.json",
+        "log.csv",
+        "curves.png",
+        "checkpoint_last.pt",
+        "checkpoint_best.pt",
+    ):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "log.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["val_dice"] != "" and rows[0]["val_dice"] == ""
+    assert {"val_a", "val_b"} <= set(rows[0])
+    best = load_checkpoint(out / "checkpoint_best.pt")
+    assert best["step"] == result.best_step
+    assert best["best_val"] == pytest.approx(
+        max(float(r["val_dice"]) for r in rows if r["val_dice"])
+    )
+    assert best["config"]["size"] == 16 and tuple(best["net"]["channels"]) == (8, 16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train_slices"] + cfg["val_slices"] == 4 * 5
+
+
+def test_refuses_to_overwrite_a_run_without_force(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_dataset, out, TrainConfig(steps=1, **TINY), quiet=True)
+    with pytest.raises(OutputExistsError):
+        train(tiny_dataset, out, TrainConfig(steps=1, **TINY), quiet=True)
+    train(tiny_dataset, out, TrainConfig(steps=1, **TINY), quiet=True, force=True)
+
+
+def test_same_seed_same_weights(tiny_dataset, tmp_path):
+    cfg = TrainConfig(steps=3, **TINY)
+    a = load_checkpoint(
+        train(tiny_dataset, tmp_path / "a", cfg, quiet=True).run_dir / "checkpoint_last.pt"
+    )
+    b = load_checkpoint(
+        train(tiny_dataset, tmp_path / "b", cfg, quiet=True).run_dir / "checkpoint_last.pt"
+    )
+    c = load_checkpoint(
+        train(
+            tiny_dataset, tmp_path / "c", TrainConfig(steps=3, **{**TINY, "seed": 1}), quiet=True
+        ).run_dir
+        / "checkpoint_last.pt"
+    )
+    assert all(torch.equal(t, b["model"][n]) for n, t in a["model"].items())
+    assert not all(torch.equal(t, c["model"][n]) for n, t in a["model"].items())
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch):
+    cfg = TrainConfig(steps=4, **TINY)
+    train(tiny_dataset, tmp_path / "full", cfg, quiet=True)
+
+    import medflow.segmentation.train as train_module
+
+    real_update, calls = train_module.ema_update, []
+
+    def crash_on_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the step-2 checkpoint, before the step-4 one
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "ema_update", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_dataset, tmp_path / "crash", cfg, quiet=True)
+    monkeypatch.setattr(train_module, "ema_update", real_update)
+    assert load_checkpoint(tmp_path / "crash" / "checkpoint_last.pt")["step"] == 2
+    train(tiny_dataset, tmp_path / "crash", cfg, quiet=True, resume=True)
+
+    full = load_checkpoint(tmp_path / "full" / "checkpoint_last.pt")
+    resumed = load_checkpoint(tmp_path / "crash" / "checkpoint_last.pt")
+    assert resumed["step"] == 4
+    for key in ("model", "ema"):
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, resumed[key][name]), (key, name)
+    rows = list(csv.DictReader((tmp_path / "crash" / "log.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_dataset, tmp_path):
+    with pytest.raises(MedflowError, match="nothing to resume"):
+        train(tiny_dataset, tmp_path / "none", TrainConfig(steps=1, **TINY), resume=True)
+
+
+def test_unet_baseline_trains(tiny_dataset, tmp_path):
+    result = train(
+        tiny_dataset, tmp_path / "u", TrainConfig(model="unet", steps=2, **TINY), quiet=True
+    )
+    assert load_checkpoint(result.best_checkpoint)["net"]["flow"] is False
