@@ -11,6 +11,17 @@ import torch
 
 torch.set_num_threads(1)
 
+# the smallest training run that exercises every part of the loop
+TINY_TRAIN = dict(
+    size=16,
+    channels=(8, 16),
+    batch_size=4,
+    threads=1,
+    val_every=2,
+    checkpoint_every=2,
+    warmup_steps=2,
+)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -21,7 +32,14 @@ def _seed():
 
 
 def make_nnunet_dataset(
-    root, n_train=4, n_test=2, shape=(24, 20, 5), ending=".nii.gz", spacing=(1.0, 1.2, 2.5), seed=0
+    root,
+    n_train=4,
+    n_test=2,
+    shape=(24, 20, 5),
+    ending=".nii.gz",
+    spacing=(1.0, 1.2, 2.5),
+    seed=0,
+    channels=1,
 ):
     """Write a tiny learnable nnU-Net raw v2 dataset: two discs (labels 1 and 2) whose
     intensities differ from the background, with noise. Returns the root."""
@@ -53,12 +71,14 @@ def make_nnunet_dataset(
         else:
             affine = np.diag([*spacing, 1.0])
             affine[:3, 3] = [-10.0, 5.0, 2.0 * i]
-            nib.save(
-                nib.Nifti1Image(img, affine), str(root / f"images{split}" / f"{case}_0000{ending}")
-            )
+            for c in range(channels):
+                # later channels: the same anatomy at another contrast
+                chan = img if c == 0 else (200.0 - img).astype(np.float32)
+                path = root / f"images{split}" / f"{case}_{c:04d}{ending}"
+                nib.save(nib.Nifti1Image(chan, affine), str(path))
             nib.save(nib.Nifti1Image(lab, affine), str(root / f"labels{split}" / f"{case}{ending}"))
     meta = {
-        "channel_names": {"0": "MR"},
+        "channel_names": {str(c): f"MR{c}" for c in range(channels)},
         "labels": {"background": 0, "a": 1, "b": 2},
         "numTraining": n_train,
         "file_ending": ending,

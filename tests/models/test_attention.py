@@ -10,8 +10,9 @@ def test_dbsa_shape_and_gating_by_image():
     assert out.shape == h.shape
     # with image features at zero, only the 1x1 projection biases enter, gated
     zero = m(h, torch.zeros_like(g))
-    bias = m.proj_local.bias.view(1, -1, 1, 1) + m.proj_global.bias.view(1, -1, 1, 1)
-    assert torch.all((zero - h).abs() <= bias.abs() + 1e-6)
+    bias_loc, bias_glob = m.proj.bias.view(1, -1, 1, 1).chunk(2, dim=1)
+    bound = bias_loc.abs() + bias_glob.abs()  # both gates lie in (0, 1)
+    assert torch.all((zero - h).abs() <= bound + 1e-6)
     assert not torch.allclose(out, zero)
 
 

@@ -23,7 +23,7 @@ def test_flow_net_shapes():
 def test_plain_unet_takes_only_the_image():
     net = SegNet(NetConfig(in_channels=2, num_classes=3, channels=TINY, flow=False))
     assert net(torch.randn(2, 2, 16, 16)).shape == (2, 3, 16, 16)
-    assert net.time is None and not hasattr(net, "inject")
+    assert net.time is None and not hasattr(net, "dbsa") and not hasattr(net, "faa")
 
 
 def test_bad_inputs_are_rejected_with_the_shape():

@@ -1,7 +1,7 @@
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_nnunet_dataset
+from conftest import TINY_TRAIN, make_nnunet_dataset
 from PIL import Image
 
 from medflow.errors import DataError, OutputExistsError
@@ -9,15 +9,7 @@ from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
 from medflow.segmentation.train import train
 
-TINY = dict(
-    size=16,
-    channels=(8, 16),
-    batch_size=4,
-    threads=1,
-    val_every=10,
-    checkpoint_every=10,
-    warmup_steps=1,
-)
+TINY = {**TINY_TRAIN, "val_every": 10, "checkpoint_every": 10}
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +65,12 @@ def test_png_in_png_out(tmp_path):
     written = predict_folder(result.best_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
     assert all(p.suffix == ".png" for p in written)
     assert np.asarray(Image.open(written[0])).shape == (24, 20)
+
+
+def test_multichannel_dataset_trains_and_predicts(tmp_path):
+    data = make_nnunet_dataset(tmp_path / "ds", channels=2, n_train=2, n_test=1)
+    result = train(data, tmp_path / "run", TrainConfig(steps=1, **TINY), quiet=True)
+    predictor = Predictor(result.best_checkpoint, device="cpu")
+    assert predictor.net_cfg.in_channels == 2
+    written = predict_folder(result.best_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
+    assert [p.name for p in written] == ["case02.nii.gz"]

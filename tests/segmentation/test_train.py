@@ -3,21 +3,14 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TRAIN, make_nnunet_dataset
 
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.train import lr_factor, train
 
-TINY = dict(
-    size=16,
-    channels=(8, 16),
-    batch_size=4,
-    threads=1,
-    val_every=2,
-    checkpoint_every=2,
-    warmup_steps=2,
-)
+TINY = TINY_TRAIN
 
 
 def test_config_validation_names_the_problem():
@@ -128,3 +121,12 @@ def test_unet_baseline_trains(tiny_dataset, tmp_path):
         tiny_dataset, tmp_path / "u", TrainConfig(model="unet", steps=2, **TINY), quiet=True
     )
     assert load_checkpoint(result.best_checkpoint)["net"]["flow"] is False
+
+
+def test_single_volume_is_split_by_slab(tmp_path):
+    data = make_nnunet_dataset(tmp_path / "ds", n_train=1, n_test=1, shape=(16, 16, 20))
+    out = tmp_path / "run"
+    train(data, out, TrainConfig(steps=1, val_fraction=0.2, **TINY), quiet=True)
+    info = json.loads((out / "config.json").read_text())
+    # 20 slices: a 4-slice validation slab and 2 dropped slices on each side of it
+    assert info["val_slices"] == 4 and info["train_slices"] == 20 - 4 - 2 * 2

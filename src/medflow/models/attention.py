@@ -20,9 +20,15 @@ class DualBranchSpatialAttention(nn.Module):
 
     * local branch: a 7x7 convolution over channel statistics (mean and max) of both streams
       gives one gate per pixel, ``a_loc = sigmoid(conv7([avg h, max h, avg g, max g]))``;
-    * global branch: both streams average-pooled by ``pool``, a 3x3 convolution, bilinear
-      upsampling, giving one gate per channel and pixel, ``a_glob`` (region-level context);
+    * global branch: both streams average-pooled by ``pool``, a 3x3 convolution and a sigmoid
+      at the pooled resolution, then bilinear upsampling, giving one gate per channel and
+      pixel, ``a_glob`` (region-level context);
     * ``h' = h + a_loc * P_loc(g) + a_glob * P_glob(g)`` with 1x1 projections ``P``.
+
+    Written for CPU speed without changing the function: the 4-to-1 7x7 convolution is a
+    depthwise 7x7 convolution summed over its four channels (oneDNN runs a single-output
+    convolution slowly), pooling comes before concatenation, and the two projections are one
+    convolution. Only the sigmoid moved, before the upsampling, where it costs 1/pool^2.
 
     Args:
         channels: C of both streams.
@@ -32,10 +38,9 @@ class DualBranchSpatialAttention(nn.Module):
     def __init__(self, channels: int, pool: int = 4) -> None:
         super().__init__()
         self.pool = pool
-        self.local_gate = nn.Conv2d(4, 1, 7, padding=3)
+        self.local_gate = nn.Conv2d(4, 4, 7, padding=3, groups=4)
         self.global_gate = nn.Conv2d(2 * channels, channels, 3, padding=1)
-        self.proj_local = nn.Conv2d(channels, channels, 1)
-        self.proj_global = nn.Conv2d(channels, channels, 1)
+        self.proj = nn.Conv2d(channels, 2 * channels, 1)
 
     def forward(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         stats = torch.cat(
@@ -47,15 +52,19 @@ class DualBranchSpatialAttention(nn.Module):
             ],
             dim=1,
         )
-        a_loc = torch.sigmoid(self.local_gate(stats))
+        a_loc = torch.sigmoid(self.local_gate(stats).sum(1, keepdim=True))
         pool = max(1, min(self.pool, h.shape[-2], h.shape[-1]))
-        ctx = F.avg_pool2d(torch.cat([h, g], dim=1), pool, ceil_mode=True)
-        a_glob = torch.sigmoid(
-            F.interpolate(
-                self.global_gate(ctx), size=h.shape[-2:], mode="bilinear", align_corners=False
-            )
+        ctx = torch.cat(
+            [F.avg_pool2d(h, pool, ceil_mode=True), F.avg_pool2d(g, pool, ceil_mode=True)], dim=1
         )
-        return h + a_loc * self.proj_local(g) + a_glob * self.proj_global(g)
+        a_glob = F.interpolate(
+            torch.sigmoid(self.global_gate(ctx)),
+            size=h.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+        v_loc, v_glob = self.proj(g).chunk(2, dim=1)
+        return torch.addcmul(torch.addcmul(h, a_loc, v_loc), a_glob, v_glob)
 
 
 class FrequencyAwareAttention(nn.Module):
@@ -65,7 +74,9 @@ class FrequencyAwareAttention(nn.Module):
       attention ``A = sigmoid(W_a [log|Hf|, log|Gf|, log|Hf - Gf|])`` decides, frequency by
       frequency, how much of the flow spectrum to keep and how much of the image spectrum to
       take, ``s_freq = irfft2(A * Hf + (1 - A) * Gf)``;
-    * spatial branch: ``s_sp = conv3([h, g])``;
+    * spatial branch: ``s_sp = dwconv3(conv1([h, g]))``, a pointwise mix of the two streams
+      and a depthwise 3x3 convolution for local context (a full 3x3 convolution over 2C
+      channels would cost as much as two of the bottleneck's own convolutions);
     * discrepancy fusion: ``w = sigmoid(W_w |s_freq - s_sp|)``,
       ``s = w * s_freq + (1 - w) * s_sp``;
     * time modulation: ``s = GN(s) * (1 + scale(t)) + shift(t)``, and the result enters the
@@ -81,7 +92,10 @@ class FrequencyAwareAttention(nn.Module):
     def __init__(self, channels: int, time_dim: int) -> None:
         super().__init__()
         self.spec_attn = nn.Conv2d(3 * channels, channels, 1)
-        self.spatial = nn.Conv2d(2 * channels, channels, 3, padding=1)
+        self.spatial = nn.Sequential(
+            nn.Conv2d(2 * channels, channels, 1),
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+        )
         self.fuse_gate = nn.Conv2d(channels, channels, 1)
         self.norm = nn.GroupNorm(groups_for(channels), channels)
         self.film = nn.Linear(time_dim, 2 * channels)

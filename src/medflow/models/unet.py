@@ -24,8 +24,9 @@ class NetConfig:
             of the input size, so inputs must be divisible by ``2**(len(channels) - 1)``.
         flow: True for the MedFlowSeg velocity network ``(x_t, t, image)``; False for the
             plain discriminative UNet ``(image)`` with no flow state and no time.
-        dbsa: inject image features through Dual-Branch Spatial Attention (else by addition
-            of a 1x1 projection). Only with ``flow``.
+        dbsa: inject image features through Dual-Branch Spatial Attention on every level
+            below full resolution (else, and at full resolution, by addition). Only with
+            ``flow``.
         faa: Frequency-Aware Attention at the bottleneck. Only with ``flow``.
         time_dim: width of the time embedding.
     """
@@ -64,7 +65,7 @@ class SegNet(nn.Module):
     Flow mode: ``forward(x_t (B, K, H, W), t (B,), image (B, C, H, W)) -> logits (B, K, H, W)``.
     The trunk reads ``[x_t, image]``; every residual block is modulated by the time
     embedding; a light image encoder produces features at every level that enter the trunk
-    through DBSA, and FAA mixes trunk and image spectra at the bottleneck. The logits
+    through DBSA (by addition at full resolution), and FAA mixes trunk and image spectra at the bottleneck. The logits
     parameterise the predicted endpoint (see :mod:`medflow.flows.parameterization`).
 
     Plain mode: ``forward(image) -> logits``, the same trunk without flow state, time or
@@ -91,8 +92,11 @@ class SegNet(nn.Module):
                 )
                 for i in range(1, len(ch))
             )
-            self.inject = nn.ModuleList(
-                DualBranchSpatialAttention(c) if cfg.dbsa else nn.Conv2d(c, c, 1) for c in ch
+            # DBSA on every downsampled level; at full resolution the trunk's stem reads the
+            # image itself and DBSA would cost as much as a residual block, so its features
+            # are added there (docs/MODEL.md)
+            self.dbsa = nn.ModuleDict(
+                {str(i): DualBranchSpatialAttention(ch[i]) for i in range(1, len(ch)) if cfg.dbsa}
             )
             self.faa = FrequencyAwareAttention(ch[-1], cfg.time_dim) if cfg.faa else None
 
@@ -148,7 +152,7 @@ class SegNet(nn.Module):
         for i, block in enumerate(self.enc):
             h = block(h, temb)
             if g is not None:
-                h = self.inject[i](h, g[i]) if self.cfg.dbsa else h + self.inject[i](g[i])
+                h = self.dbsa[str(i)](h, g[i]) if str(i) in self.dbsa else h + g[i]
             if i < len(self.down):
                 skips.append(h)
                 h = self.down[i](h)

@@ -50,6 +50,8 @@ class TrainConfig:
         val_every: validate (and keep the best checkpoint) every this many steps.
         checkpoint_every: write a resumable checkpoint every this many steps.
         seed: seeds data order, noise, times, augmentation and initialisation.
+        split_seed: seeds the choice of validation cases, apart from ``seed`` so that runs
+            with different seeds are validated on the same cases.
         threads: intra-op threads on CPU; None uses every core.
     """
 
@@ -79,6 +81,7 @@ class TrainConfig:
     val_every: int = 50
     checkpoint_every: int = 100
     seed: int = 0
+    split_seed: int = 0
     threads: int | None = None
 
     def __post_init__(self) -> None:

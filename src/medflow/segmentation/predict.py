@@ -56,7 +56,9 @@ class Predictor:
         self.device = resolve_device(device)
         net = SegNet(self.net_cfg)
         try:
-            net.load_state_dict(ckpt["model"])
+            # a resumable checkpoint carries the EMA weights beside the raw ones; predict with
+            # the EMA, as checkpoint_best.pt (which holds only them) does
+            net.load_state_dict(ckpt.get("ema", ckpt["model"]))
         except RuntimeError as exc:
             raise DataError(
                 self.path,
@@ -82,7 +84,13 @@ class Predictor:
         )
         crop_shape = tuple(s.stop - s.start for s in box)
         in_plane = tuple(n for a, n in enumerate(crop_shape) if a != self.prep.slice_axis)
-        labels = resize_images(probs, in_plane).argmax(1).numpy().astype(np.int16)
+        # back to the native grid in chunks: a full CT at 512 x 512 would need gigabytes at once
+        labels = np.concatenate(
+            [
+                resize_images(chunk, in_plane).argmax(1).numpy().astype(np.int16)
+                for chunk in probs.split(options.batch_size)
+            ]
+        )
         out = np.zeros(image.geometry.shape, dtype=np.int16)
         out[box] = from_slices(labels, self.prep.slice_axis)
         return out

@@ -168,7 +168,7 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
 
     k = spec.num_classes
-    train_cases, val_cases = split_cases(spec.training, cfg.val_fraction, cfg.seed)
+    train_cases, val_cases = split_cases(spec.training, cfg.val_fraction, cfg.split_seed)
     prep = plan_preprocessing(spec, train_cases, (cfg.size, cfg.size), cfg.slice_axis)
     train_set, val_set = _load_split(train_cases, val_cases, cfg, prep, k)
     net = build_net(cfg, len(spec.channel_names), k).to(dev)
