@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/medflow datasets build mni152-tissue --out $(DEMO)/mni152 --force
 	$(BIN)/medflow datasets verify $(DEMO)/mni152
 	$(BIN)/medflow train --data $(DEMO)/mni152 --out $(DEMO)/run --force $(DEMO_TRAIN_FLAGS)
-	$(BIN)/medflow predict --model $(DEMO)/run/checkpoint_best.pt \
+	$(BIN)/medflow predict --model $(DEMO)/run/checkpoint_final.pt \
 		--input $(DEMO)/mni152/imagesTs --out $(DEMO)/pred --force
 	$(BIN)/medflow evaluate --pred $(DEMO)/pred --ref $(DEMO)/mni152/labelsTs \
 		--out $(DEMO)/eval --force

@@ -32,8 +32,8 @@ def test_train_predict_evaluate(tmp_path, capsys):
     assert main(["datasets", "verify", str(data)]) == 0
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TRAIN]) == 0
     out = capsys.readouterr().out
-    assert "trained 3 steps" in out and "checkpoint_best.pt" in out
-    ckpt = tmp_path / "run" / "checkpoint_best.pt"
+    assert "trained 3 steps" in out and "checkpoint_final.pt" in out
+    ckpt = tmp_path / "run" / "checkpoint_final.pt"
     assert (
         main(
             [

@@ -170,7 +170,8 @@ def _train(args: argparse.Namespace) -> int:
     best = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s; best validation Dice "
-        f"{best} at step {result.best_step}; model: {result.best_checkpoint}"
+        f"{best} at step {result.best_step}\nmodel: {result.final_checkpoint} "
+        f"(best on validation: {result.best_checkpoint})"
     )
     return 0
 

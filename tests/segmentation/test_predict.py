@@ -17,7 +17,7 @@ def nifti_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pred")
     data = make_nnunet_dataset(root / "ds", spacing=(0.9, 1.1, 3.0))
     result = train(data, root / "run", TrainConfig(steps=2, **TINY), quiet=True)
-    return data, result.best_checkpoint
+    return data, result.final_checkpoint
 
 
 def test_nifti_volume_comes_back_with_its_shape_affine_and_header(nifti_run, tmp_path):
@@ -62,7 +62,7 @@ def test_refuses_to_overwrite_and_checks_channels(nifti_run, tmp_path):
 def test_png_in_png_out(tmp_path):
     data = make_nnunet_dataset(tmp_path / "ds", shape=(24, 20, 1), ending=".png", n_train=3)
     result = train(data, tmp_path / "run", TrainConfig(steps=1, **TINY), quiet=True)
-    written = predict_folder(result.best_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
+    written = predict_folder(result.final_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
     assert all(p.suffix == ".png" for p in written)
     assert np.asarray(Image.open(written[0])).shape == (24, 20)
 
@@ -70,7 +70,7 @@ def test_png_in_png_out(tmp_path):
 def test_multichannel_dataset_trains_and_predicts(tmp_path):
     data = make_nnunet_dataset(tmp_path / "ds", channels=2, n_train=2, n_test=1)
     result = train(data, tmp_path / "run", TrainConfig(steps=1, **TINY), quiet=True)
-    predictor = Predictor(result.best_checkpoint, device="cpu")
+    predictor = Predictor(result.final_checkpoint, device="cpu")
     assert predictor.net_cfg.in_channels == 2
-    written = predict_folder(result.best_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
+    written = predict_folder(result.final_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
     assert [p.name for p in written] == ["case02.nii.gz"]

@@ -38,6 +38,7 @@ def test_training_writes_a_complete_run_folder(tiny_dataset, tmp_path):
         "curves.png",
         "checkpoint_last.pt",
         "checkpoint_best.pt",
+        "checkpoint_final.pt",
     ):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "log.csv").read_text().splitlines()))
@@ -50,6 +51,10 @@ def test_training_writes_a_complete_run_folder(tiny_dataset, tmp_path):
         max(float(r["val_dice"]) for r in rows if r["val_dice"])
     )
     assert best["config"]["size"] == 16 and tuple(best["net"]["channels"]) == (8, 16)
+    final = load_checkpoint(out / "checkpoint_final.pt")
+    last = load_checkpoint(out / "checkpoint_last.pt")
+    assert final["step"] == last["step"] == 4 and "optimizer" not in final
+    assert all(torch.equal(t, last["ema"][n]) for n, t in final["model"].items())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train_slices"] + cfg["val_slices"] == 4 * 5
 

@@ -65,8 +65,9 @@ class SegNet(nn.Module):
     Flow mode: ``forward(x_t (B, K, H, W), t (B,), image (B, C, H, W)) -> logits (B, K, H, W)``.
     The trunk reads ``[x_t, image]``; every residual block is modulated by the time
     embedding; a light image encoder produces features at every level that enter the trunk
-    through DBSA (by addition at full resolution), and FAA mixes trunk and image spectra at the bottleneck. The logits
-    parameterise the predicted endpoint (see :mod:`medflow.flows.parameterization`).
+    through DBSA (by addition at full resolution), and FAA mixes trunk and image spectra at
+    the bottleneck. The logits parameterise the predicted endpoint (see
+    :mod:`medflow.flows.parameterization`).
 
     Plain mode: ``forward(image) -> logits``, the same trunk without flow state, time or
     image branch: the cost floor for a comparison.

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -42,7 +41,8 @@ def load_checkpoint(path: str | Path) -> dict:
             "refused: the checkpoint holds objects other than tensors and "
             f"plain values, which could run code when loaded ({first[:120]})",
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways (KeyError,
+        # EOFError, BadZipFile, RuntimeError ...); each is the same problem for the user
         raise DataError(
             path,
             f"not a readable checkpoint (truncated or not a torch file?): "

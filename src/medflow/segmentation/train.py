@@ -1,8 +1,13 @@
 """Train MedFlowSeg (or the UNet baseline) on a dataset folder.
 
 One function, :func:`train`, puts data, model, flow and optimiser together. A run folder
-holds ``config.json``, ``log.csv``, ``curves.png``, ``checkpoint_last.pt`` (resumable) and
-``checkpoint_best.pt`` (EMA weights at the best validation Dice, what ``predict`` uses).
+holds ``config.json``, ``log.csv``, ``curves.png``, ``checkpoint_last.pt`` (resumable: model,
+EMA, optimiser, scheduler, RNG states), ``checkpoint_final.pt`` (the EMA weights at the last
+step) and ``checkpoint_best.pt`` (the EMA weights at the best validation Dice).
+
+As in nnU-Net, the final checkpoint is the one to predict with: with a validation set of one
+or two cases, "best on validation" tracks those cases' idiosyncrasies (on mni152-tissue the
+validation slab's Dice fell while held-out test Dice rose, docs/SEGMENTATION.md).
 """
 
 from __future__ import annotations
@@ -40,14 +45,15 @@ from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.inference import predict_probs
 from medflow.segmentation.runtime import autocast, configure_threads, resolve_device
 
-LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
-RUN_FILES = ("config.json", "log.csv", LAST, BEST)
+LAST, BEST, FINAL = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"
+RUN_FILES = ("config.json", "log.csv", LAST, BEST, FINAL)
 SLAB_GAP = 2  # slices dropped each side of a validation slab cut from a single volume
 
 
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
+    final_checkpoint: Path
     best_checkpoint: Path
     best_val_dice: float | None
     best_step: int
@@ -314,19 +320,19 @@ def train(
         if "val_dice" in row or done % cfg.checkpoint_every == 0:
             _write_log(out / "log.csv", columns, log_rows)
     bar.close()
+    final = _payload(cfg, net.cfg, prep, spec, cfg.steps, ema.state_dict(), {"best_val": None})
+    save_checkpoint(out / FINAL, final)
     if val_set is None:
-        # nothing to select on: the final EMA weights are the model
+        # nothing to select on: best is final
         best_step = cfg.steps
-        save_checkpoint(
-            out / BEST,
-            _payload(cfg, net.cfg, prep, spec, cfg.steps, ema.state_dict(), {"best_val": None}),
-        )
+        save_checkpoint(out / BEST, final)
     _write_log(out / "log.csv", columns, log_rows)
     from medflow.report.curves import plot_training_curves
 
     plot_training_curves(out / "log.csv", out / "curves.png")
     return TrainResult(
         out,
+        out / FINAL,
         out / BEST,
         best_val,
         best_step,
