@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from medflow.flows.encoding import flow_to_mask, flow_to_probs, mask_to_flow
 from medflow.flows.losses import MedFlowSegLoss, flow_matching_loss
-from medflow.flows.parameterization import EndpointVelocity, logits_to_endpoint
+from medflow.flows.parameterization import FlowField, logits_to_endpoint
 from medflow.flows.paths import LinearPath
 
 
@@ -72,7 +73,33 @@ def test_endpoint_velocity_one_step_lands_on_the_predicted_endpoint():
             return image * 3.0  # logits from the image alone
 
     image = torch.randn(2, 3, 4, 4)
-    field = EndpointVelocity(Net())
+    field = FlowField(Net())
     x0 = torch.randn(2, 3, 4, 4)
     x1 = x0 + field(x0, torch.zeros(2), field.condition(image))
     assert torch.allclose(x1, logits_to_endpoint(image * 3.0), atol=1e-6)
+
+
+def test_velocity_parameterisation_is_plain_flow_matching():
+    mask = torch.randint(0, 3, (2, 6, 6))
+    x1 = mask_to_flow(mask, 3)
+    s = LinearPath().sample(torch.randn_like(x1), x1, torch.rand(2))
+    loss = MedFlowSegLoss(parameterization="velocity", seg_weight=0.0)
+    out = torch.randn(2, 3, 6, 6)
+    terms = loss(out, s, x1, mask)
+    assert torch.allclose(terms.total, (out - s.dx_t).pow(2).mean())
+    assert terms.seg == 0
+    assert loss(s.dx_t, s, x1, mask).total == 0  # the true velocity has zero loss
+
+
+def test_velocity_field_returns_the_raw_output_for_velocity_parameterisation():
+    class Net(torch.nn.Module):
+        def forward(self, x, t, image, feats=None):
+            return image - x
+
+    field = FlowField(Net(), parameterization="velocity")
+    x, img = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    assert torch.equal(field(x, torch.zeros(1), field.condition(img)), img - x)
+    with pytest.raises(ValueError, match="unknown parameterization"):
+        FlowField(Net(), parameterization="score")
+    with pytest.raises(ValueError, match="seg_weight must be 0"):
+        MedFlowSegLoss(parameterization="velocity", seg_weight=1.0)

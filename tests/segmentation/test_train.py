@@ -135,3 +135,17 @@ def test_single_volume_is_split_by_slab(tmp_path):
     info = json.loads((out / "config.json").read_text())
     # 20 slices: a 4-slice validation slab and 2 dropped slices on each side of it
     assert info["val_slices"] == 4 and info["train_slices"] == 20 - 4 - 2 * 2
+
+
+def test_naive_velocity_flow_is_available_for_comparison(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="seg_weight must be 0"):
+        TrainConfig(parameterization="velocity")
+    naive = dict(
+        parameterization="velocity", seg_weight=0.0, time_schedule="uniform", time_zero_fraction=0.0
+    )
+    result = train(tiny_dataset, tmp_path / "n", TrainConfig(steps=2, **naive, **TINY), quiet=True)
+    from medflow.segmentation.predict import Predictor
+
+    assert Predictor(result.final_checkpoint, device="cpu").parameterization == "velocity"
+    rows = list(csv.DictReader((tmp_path / "n" / "log.csv").read_text().splitlines()))
+    assert all(float(r["seg_loss"]) == 0.0 for r in rows)

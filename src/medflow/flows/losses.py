@@ -50,7 +50,12 @@ def flow_matching_loss(
 class MedFlowSegLoss:
     """Flow-matching loss plus cross-entropy + Dice on the predicted endpoint.
 
+    With ``parameterization="velocity"`` the network output is the velocity itself and the
+    loss is plain conditional flow matching, ``|v_hat - (x1 - x0)|^2``, with no segmentation
+    term (there are no class scores to score): the naive flow segmenter, kept as a baseline.
+
     Args:
+        parameterization: ``"endpoint"`` or ``"velocity"``.
         weighting: ``"velocity"`` or ``"endpoint"`` (see module docstring).
         min_gap: floor on ``1 - t``.
         flow_weight: weight of ``L_flow``.
@@ -59,6 +64,7 @@ class MedFlowSegLoss:
 
     def __init__(
         self,
+        parameterization: str = "endpoint",
         weighting: str = "endpoint",
         min_gap: float = 0.05,
         flow_weight: float = 1.0,
@@ -66,6 +72,9 @@ class MedFlowSegLoss:
     ) -> None:
         from monai.losses import DiceCELoss
 
+        if parameterization == "velocity" and seg_weight:
+            raise ValueError("seg_weight must be 0 with parameterization='velocity'")
+        self.parameterization = parameterization
         self.weighting, self.min_gap = weighting, min_gap
         self.flow_weight, self.seg_weight = flow_weight, seg_weight
         # batch=True pools Dice over the batch so slices without a class do not divide 0 by 0
@@ -75,6 +84,9 @@ class MedFlowSegLoss:
         self, logits: torch.Tensor, sample: PathSample, x1: torch.Tensor, mask: torch.Tensor
     ) -> LossTerms:
         logits = logits.float()
+        if self.parameterization == "velocity":
+            flow = (logits - sample.dx_t).pow(2).mean()
+            return LossTerms(self.flow_weight * flow, flow, flow.new_zeros(()))
         flow = flow_matching_loss(logits, sample, x1, self.weighting, self.min_gap)
         seg = self.seg(logits, mask[:, None].long()) if self.seg_weight else flow.new_zeros(())
         return LossTerms(self.flow_weight * flow + self.seg_weight * seg, flow, seg)

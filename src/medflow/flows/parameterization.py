@@ -35,16 +35,30 @@ class Conditioning:
     feats: list[torch.Tensor] | None = None
 
 
-class EndpointVelocity:
+PARAMETERIZATIONS = ("endpoint", "velocity")
+
+
+class FlowField:
     """``velocity(x, t, cond)`` for a :class:`~medflow.models.unet.SegNet` in flow mode.
 
     Args:
-        net: maps ``(x_t, t, image)`` to endpoint logits.
-        min_gap: floor on ``1 - t`` in the velocity (only reached at the last instants).
+        net: maps ``(x_t, t, image)`` to K output channels.
+        parameterization: ``"endpoint"`` (the outputs are logits of the endpoint, the
+            default) or ``"velocity"`` (the outputs are the velocity itself, as a naive flow
+            segmenter has it; kept for comparison).
+        min_gap: floor on ``1 - t`` in the endpoint's velocity (reached only at the end).
     """
 
-    def __init__(self, net: nn.Module, min_gap: float = DEFAULT_MIN_GAP) -> None:
+    def __init__(
+        self, net: nn.Module, parameterization: str = "endpoint", min_gap: float = DEFAULT_MIN_GAP
+    ) -> None:
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"unknown parameterization {parameterization!r}; "
+                f"expected one of {PARAMETERIZATIONS}"
+            )
         self.net = net
+        self.parameterization = parameterization
         self.min_gap = min_gap
 
     def condition(self, image: torch.Tensor) -> Conditioning:
@@ -52,9 +66,9 @@ class EndpointVelocity:
         feats = self.net.image_features(image) if hasattr(self.net, "image_features") else None
         return Conditioning(image, feats)
 
-    def logits(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.net(x, t, cond.image, feats=cond.feats)
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        x1_hat = logits_to_endpoint(self.logits(x, t, cond)).to(x.dtype)
+        out = self.net(x, t, cond.image, feats=cond.feats)
+        if self.parameterization == "velocity":
+            return out.to(x.dtype)
+        x1_hat = logits_to_endpoint(out).to(x.dtype)
         return LinearPath.velocity_from_endpoint(x1_hat, x, t, self.min_gap)

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from medflow.flows.losses import WEIGHTINGS
+from medflow.flows.parameterization import PARAMETERIZATIONS
 
 MODELS = ("medflowseg", "unet")
 TIME_SCHEDULES = ("uniform", "logit_normal")
@@ -30,6 +31,10 @@ class TrainConfig:
         channels: backbone width per resolution level.
         dbsa: use Dual-Branch Spatial Attention (else plain addition of image features).
         faa: use Frequency-Aware Attention at the bottleneck.
+        parameterization: ``"endpoint"`` (the network predicts the mask's class
+            probabilities and the velocity follows from them, docs/MODEL.md) or
+            ``"velocity"`` (the network outputs the velocity directly: the naive flow
+            segmenter, for comparison; needs ``seg_weight=0``).
         time_schedule: ``"logit_normal"`` or ``"uniform"`` training times.
         time_loc: location of the logit-normal (negative favours the noise end).
         time_scale: scale of the logit-normal.
@@ -62,6 +67,7 @@ class TrainConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     dbsa: bool = True
     faa: bool = True
+    parameterization: str = "endpoint"
     time_schedule: str = "logit_normal"
     time_loc: float = -1.0
     time_scale: float = 1.0
@@ -92,6 +98,14 @@ class TrainConfig:
                 f"time_schedule must be one of {TIME_SCHEDULES}",
             ),
             (self.loss_weighting in WEIGHTINGS, f"loss_weighting must be one of {WEIGHTINGS}"),
+            (
+                self.parameterization in PARAMETERIZATIONS,
+                f"parameterization must be one of {PARAMETERIZATIONS}",
+            ),
+            (
+                self.parameterization == "endpoint" or self.seg_weight == 0,
+                "seg_weight must be 0 with parameterization velocity (no class scores)",
+            ),
             (self.size >= 8, "size must be at least 8"),
             (self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1"),
             (self.lr > 0, "lr must be positive"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from medflow.flows.encoding import flow_to_probs
-from medflow.flows.parameterization import EndpointVelocity
+from medflow.flows.parameterization import FlowField
 from medflow.flows.samplers import SAMPLERS
 from medflow.models.unet import SegNet
 from medflow.segmentation.runtime import autocast
@@ -21,6 +21,7 @@ def predict_probs(
     samples: int = 1,
     seed: int = 0,
     batch_size: int = 32,
+    parameterization: str = "endpoint",
     min_gap: float = 0.05,
 ) -> torch.Tensor:
     """Class probabilities ``(N, K, H, W)`` (float32, on CPU) for slices ``(N, C, H, W)``.
@@ -46,7 +47,7 @@ def predict_probs(
         for _ in range(samples if net.cfg.flow else 0)
     ]
     out = []
-    velocity = EndpointVelocity(net, min_gap)
+    velocity = FlowField(net, parameterization, min_gap)
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device)
         with autocast(device):

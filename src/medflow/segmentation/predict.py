@@ -20,7 +20,7 @@ from medflow.errors import DataError, OutputExistsError
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.inference import predict_probs
-from medflow.segmentation.runtime import resolve_device
+from medflow.segmentation.runtime import progress, resolve_device
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Predictor:
         self.labels = {str(k): int(v) for k, v in ckpt["labels"].items()}
         self.channel_names = list(ckpt["channel_names"])
         self.min_gap = float(ckpt["config"].get("min_gap", 0.05))
+        self.parameterization = str(ckpt["config"].get("parameterization", "endpoint"))
         self.device = resolve_device(device)
         net = SegNet(self.net_cfg)
         try:
@@ -80,6 +81,7 @@ class Predictor:
             samples=options.samples,
             seed=options.seed,
             batch_size=options.batch_size,
+            parameterization=self.parameterization,
             min_gap=self.min_gap,
         )
         crop_shape = tuple(s.stop - s.start for s in box)
@@ -127,10 +129,10 @@ def predict_folder(
     for case in cases:
         _read_checked(case, predictor)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
     written = []
-    for case, target in tqdm(list(zip(cases, targets)), desc="predict", unit="case", disable=quiet):
+    for case, target in progress(
+        list(zip(cases, targets)), quiet=quiet, desc="predict", unit="case"
+    ):
         volume = _read_checked(case, predictor)
         labels = predictor.predict_volume(volume, options)
         written.append(write_volume(target, labels, volume.geometry))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -50,3 +51,11 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def progress(iterable=None, *, quiet: bool = False, **kwargs):
+    """A tqdm bar on an interactive terminal; silent under ``--quiet`` or when stderr is a
+    file or pipe (logs and CI), where redrawn bars only add noise."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=quiet or not sys.stderr.isatty(), **kwargs)

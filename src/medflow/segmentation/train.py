@@ -16,7 +16,6 @@ import copy
 import csv
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.inference import predict_probs
-from medflow.segmentation.runtime import autocast, configure_threads, resolve_device
+from medflow.segmentation.runtime import autocast, configure_threads, progress, resolve_device
 
 LAST, BEST, FINAL = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 RUN_FILES = ("config.json", "log.csv", LAST, BEST, FINAL)
@@ -181,7 +180,9 @@ def train(
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    loss_fn = MedFlowSegLoss(cfg.loss_weighting, cfg.min_gap, cfg.flow_weight, cfg.seg_weight)
+    loss_fn = MedFlowSegLoss(
+        cfg.parameterization, cfg.loss_weighting, cfg.min_gap, cfg.flow_weight, cfg.seg_weight
+    )
     path = LinearPath()
 
     start, best_val, best_step = 0, None, 0
@@ -239,15 +240,7 @@ def train(
             },
         )
 
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        disable=quiet or not sys.stderr.isatty(),
-        desc="train",
-        unit="step",
-    )
+    bar = progress(total=cfg.steps, initial=start, quiet=quiet, desc="train", unit="step")
     t_start = time.perf_counter()
     elapsed0 = log_rows[-1]["seconds"] if log_rows else 0.0
     n_train = len(train_set)
@@ -299,7 +292,9 @@ def train(
         }
 
         if val_set is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            probs = predict_probs(ema, val_set.images, min_gap=cfg.min_gap)
+            probs = predict_probs(
+                ema, val_set.images, parameterization=cfg.parameterization, min_gap=cfg.min_gap
+            )
             per_class = dice_per_class(probs.argmax(1), val_set.masks, k)
             row["val_dice"] = float(np.mean(per_class))
             row.update({f"val_{n}": d for n, d in zip(class_names, per_class)})
