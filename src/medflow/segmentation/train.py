@@ -33,7 +33,7 @@ from medflow.data.datasets import (
 )
 from medflow.data.io import atomic_write
 from medflow.data.layout import load_dataset
-from medflow.data.transforms import augment_batch
+from medflow.data.transforms import Preprocessing, augment_batch
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.flows.encoding import mask_to_flow
 from medflow.flows.losses import MedFlowSegLoss
@@ -124,20 +124,198 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
         raise OutputExistsError(out)
 
 
-def _payload(cfg, net_cfg, prep, spec, step, model, extra) -> dict:
-    return {
-        "format": FORMAT,
-        "medflow_version": __version__,
-        "config": cfg.to_dict(),
-        "net": net_cfg.to_dict(),
-        "preprocessing": prep.to_dict(),
-        "labels": dict(spec.labels),
-        "channel_names": list(spec.channel_names),
-        "dataset": str(spec.root),
-        "step": step,
-        "model": model,
-        **extra,
-    }
+class _Run:
+    """One training run: data, network, optimiser and their state, and the operations on
+    them. ``train`` drives it; each method does one thing."""
+
+    def __init__(
+        self, data: Path, out: Path, cfg: TrainConfig, device: str, state: dict | None
+    ) -> None:
+        self.out, self.cfg = out, cfg
+        self.spec = load_dataset(data)
+        configure_threads(cfg.threads)
+        self.dev = resolve_device(device)
+        torch.manual_seed(cfg.seed)
+        # one generator for data order, noise, times and augmentation: resumable exactly
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.k = self.spec.num_classes
+        train_cases, val_cases = split_cases(self.spec.training, cfg.val_fraction, cfg.split_seed)
+        self.prep = (
+            Preprocessing.from_dict(state["preprocessing"])
+            if state is not None
+            else plan_preprocessing(self.spec, train_cases, (cfg.size, cfg.size), cfg.slice_axis)
+        )
+        self.train_set, self.val_set = _load_split(train_cases, val_cases, cfg, self.prep, self.k)
+        self.net = build_net(cfg, len(self.spec.channel_names), self.k).to(self.dev)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.loss_fn = MedFlowSegLoss(
+            cfg.parameterization, cfg.loss_weighting, cfg.min_gap, cfg.flow_weight, cfg.seg_weight
+        )
+        self.path = LinearPath()
+        self.start, self.best_val, self.best_step = 0, None, 0
+        if state is not None:
+            self.net.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.gen.set_state(state["rng"]["data"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.start, self.best_val = state["step"], state["best_val"]
+            self.best_step = state["best_step"]
+        self.class_names = self.spec.class_names[1:]
+        self.columns = [
+            "step",
+            "lr",
+            "loss",
+            "flow_loss",
+            "seg_loss",
+            "val_dice",
+            *[f"val_{n}" for n in self.class_names],
+            "seconds",
+        ]
+        self.log_rows = _read_log_until(out / "log.csv", self.start) if state else []
+
+    def describe(self, data: Path) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "data": str(Path(data).resolve()),
+            "device": str(self.dev),
+            "threads": torch.get_num_threads(),
+            "train_slices": len(self.train_set),
+            "val_slices": len(self.val_set) if self.val_set else 0,
+            "preprocessing": self.prep.to_dict(),
+            "medflow_version": __version__,
+        }
+
+    def losses(self, images: torch.Tensor, masks: torch.Tensor):
+        """Loss terms of one batch: a point on the flow path for MedFlowSeg, or the
+        segmentation loss alone for the UNet."""
+        cfg = self.cfg
+        if not self.net.cfg.flow:
+            return self.loss_fn.segmentation_only(self.net(images), masks)
+        x1 = mask_to_flow(masks, self.k)
+        x0 = torch.randn(x1.shape, generator=self.gen).to(self.dev)
+        t = sample_time(
+            x1.shape[0],
+            cfg.time_schedule,
+            loc=cfg.time_loc,
+            scale=cfg.time_scale,
+            zero_fraction=cfg.time_zero_fraction,
+            generator=self.gen,
+        ).to(self.dev)
+        sample = self.path.sample(x0, x1, t)
+        return self.loss_fn(self.net(sample.x_t, t, images), sample, x1, masks)
+
+    def step(self, step: int) -> dict:
+        """One optimiser step; returns its log row."""
+        cfg = self.cfg
+        idx = torch.randint(len(self.train_set), (cfg.batch_size,), generator=self.gen)
+        images = self.train_set.images[idx].to(self.dev)
+        masks = self.train_set.masks[idx].to(self.dev)
+        if cfg.augment:
+            images, masks = augment_batch(images, masks, self.k, self.gen)
+        with autocast(self.dev):
+            terms = self.losses(images, masks)
+        if not torch.isfinite(terms.total):
+            last = self.out / LAST
+            raise MedflowError(
+                f"training diverged: loss is {terms.total.item()} at step {step}; the last "
+                f"good checkpoint is {last if last.exists() else 'not written yet'}; "
+                "try a lower --lr"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        ema_update(self.ema, self.net, cfg.ema_decay, step)
+        return {
+            "step": step + 1,
+            "lr": self.sched.get_last_lr()[0],
+            "loss": terms.total.item(),
+            "flow_loss": terms.flow.item(),
+            "seg_loss": terms.seg.item(),
+        }
+
+    def validate(self, done: int) -> dict:
+        """Dice of the EMA weights on the validation slices; keeps the best checkpoint."""
+        probs = predict_probs(
+            self.ema,
+            self.val_set.images,
+            parameterization=self.cfg.parameterization,
+            min_gap=self.cfg.min_gap,
+        )
+        per_class = dice_per_class(probs.argmax(1), self.val_set.masks, self.k)
+        row = {
+            "val_dice": float(np.mean(per_class)),
+            **{f"val_{n}": d for n, d in zip(self.class_names, per_class)},
+        }
+        if self.best_val is None or row["val_dice"] > self.best_val:
+            self.best_val, self.best_step = row["val_dice"], done
+            save_checkpoint(
+                self.out / BEST, self.payload(done, self.ema.state_dict(), best_val=self.best_val)
+            )
+        return row
+
+    def payload(self, step: int, weights: dict, **extra) -> dict:
+        return {
+            "format": FORMAT,
+            "medflow_version": __version__,
+            "config": self.cfg.to_dict(),
+            "net": self.net.cfg.to_dict(),
+            "preprocessing": self.prep.to_dict(),
+            "labels": dict(self.spec.labels),
+            "channel_names": list(self.spec.channel_names),
+            "dataset": str(self.spec.root),
+            "step": step,
+            "model": weights,
+            **extra,
+        }
+
+    def save_last(self, step: int) -> None:
+        save_checkpoint(
+            self.out / LAST,
+            self.payload(
+                step,
+                self.net.state_dict(),
+                ema=self.ema.state_dict(),
+                optimizer=self.opt.state_dict(),
+                scheduler=self.sched.state_dict(),
+                best_val=self.best_val,
+                best_step=self.best_step,
+                rng={"data": self.gen.get_state(), "torch": torch.get_rng_state()},
+            ),
+        )
+
+    def write_log(self) -> None:
+        _write_log(self.out / "log.csv", self.columns, self.log_rows)
+
+    def finish(self) -> TrainResult:
+        """Final and (without validation) best checkpoints, the log and the curves."""
+        final = self.payload(self.cfg.steps, self.ema.state_dict(), best_val=None)
+        save_checkpoint(self.out / FINAL, final)
+        if self.val_set is None:
+            self.best_step = self.cfg.steps  # nothing to select on: best is final
+            save_checkpoint(self.out / BEST, final)
+        self.write_log()
+        from medflow.report.curves import plot_training_curves
+
+        plot_training_curves(self.out / "log.csv", self.out / "curves.png")
+        seconds = self.log_rows[-1]["seconds"] if self.log_rows else 0.0
+        return TrainResult(
+            self.out,
+            self.out / FINAL,
+            self.out / BEST,
+            self.best_val,
+            self.best_step,
+            self.cfg.steps,
+            seconds,
+        )
 
 
 def train(
@@ -166,174 +344,31 @@ def train(
     state = load_checkpoint(out / LAST) if resume else None
     if state is not None:
         cfg = TrainConfig.from_dict(state["config"])
-    spec = load_dataset(data)
-    configure_threads(cfg.threads)
-    dev = resolve_device(device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    k = spec.num_classes
-    train_cases, val_cases = split_cases(spec.training, cfg.val_fraction, cfg.split_seed)
-    prep = plan_preprocessing(spec, train_cases, (cfg.size, cfg.size), cfg.slice_axis)
-    train_set, val_set = _load_split(train_cases, val_cases, cfg, prep, k)
-    net = build_net(cfg, len(spec.channel_names), k).to(dev)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    loss_fn = MedFlowSegLoss(
-        cfg.parameterization, cfg.loss_weighting, cfg.min_gap, cfg.flow_weight, cfg.seg_weight
-    )
-    path = LinearPath()
-
-    start, best_val, best_step = 0, None, 0
-    if state is not None:
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-
+    run = _Run(Path(data), out, cfg, device, state)
     out.mkdir(parents=True, exist_ok=True)
-    run_info = {
-        "config": cfg.to_dict(),
-        "data": str(Path(data).resolve()),
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "train_slices": len(train_set),
-        "val_slices": len(val_set) if val_set else 0,
-        "preprocessing": prep.to_dict(),
-        "medflow_version": __version__,
-    }
-    atomic_write(
-        out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n")
-    )
-    class_names = spec.class_names[1:]
-    columns = [
-        "step",
-        "lr",
-        "loss",
-        "flow_loss",
-        "seg_loss",
-        "val_dice",
-        *[f"val_{n}" for n in class_names],
-        "seconds",
-    ]
-    log_rows = _read_log_until(out / "log.csv", start) if resume else []
+    info = run.describe(Path(data))
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
 
-    def checkpoint_payload(step: int) -> dict:
-        return _payload(
-            cfg,
-            net.cfg,
-            prep,
-            spec,
-            step,
-            net.state_dict(),
-            {
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "best_val": best_val,
-                "best_step": best_step,
-                "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
-            },
-        )
-
-    bar = progress(total=cfg.steps, initial=start, quiet=quiet, desc="train", unit="step")
+    bar = progress(total=cfg.steps, initial=run.start, quiet=quiet, desc="train", unit="step")
     t_start = time.perf_counter()
-    elapsed0 = log_rows[-1]["seconds"] if log_rows else 0.0
-    n_train = len(train_set)
-    for step in range(start, cfg.steps):
-        idx = torch.randint(n_train, (cfg.batch_size,), generator=gen)
-        images = train_set.images[idx].to(dev)
-        masks = train_set.masks[idx].to(dev)
-        if cfg.augment:
-            images, masks = augment_batch(images, masks, k, gen)
-        with autocast(dev):
-            if net.cfg.flow:
-                x1 = mask_to_flow(masks, k)
-                x0 = torch.randn(x1.shape, generator=gen).to(dev)
-                t = sample_time(
-                    x1.shape[0],
-                    cfg.time_schedule,
-                    loc=cfg.time_loc,
-                    scale=cfg.time_scale,
-                    zero_fraction=cfg.time_zero_fraction,
-                    generator=gen,
-                ).to(dev)
-                sample = path.sample(x0, x1, t)
-                logits = net(sample.x_t, t, images)
-                terms = loss_fn(logits, sample, x1, masks)
-            else:
-                terms = loss_fn.segmentation_only(net(images), masks)
-        loss = terms.total
-        if not torch.isfinite(loss):
-            bar.close()
-            raise MedflowError(
-                f"training diverged: loss is {loss.item()} at step {step}; the last good "
-                f"checkpoint is {out / LAST if (out / LAST).exists() else 'not written yet'}; "
-                "try a lower --lr"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        ema_update(ema, net, cfg.ema_decay, step)
-        done = step + 1
-        row = {
-            "step": done,
-            "lr": sched.get_last_lr()[0],
-            "loss": loss.item(),
-            "flow_loss": terms.flow.item(),
-            "seg_loss": terms.seg.item(),
-        }
-
-        if val_set is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            probs = predict_probs(
-                ema, val_set.images, parameterization=cfg.parameterization, min_gap=cfg.min_gap
-            )
-            per_class = dice_per_class(probs.argmax(1), val_set.masks, k)
-            row["val_dice"] = float(np.mean(per_class))
-            row.update({f"val_{n}": d for n, d in zip(class_names, per_class)})
-            if best_val is None or row["val_dice"] > best_val:
-                best_val, best_step = row["val_dice"], done
-                save_checkpoint(
-                    out / BEST,
-                    _payload(
-                        cfg, net.cfg, prep, spec, done, ema.state_dict(), {"best_val": best_val}
-                    ),
-                )
-            bar.set_postfix(val_dice=f"{row['val_dice']:.3f}")
-        row["seconds"] = elapsed0 + time.perf_counter() - t_start
-        log_rows.append(row)
-        bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(out / LAST, checkpoint_payload(done))
-        if "val_dice" in row or done % cfg.checkpoint_every == 0:
-            _write_log(out / "log.csv", columns, log_rows)
-    bar.close()
-    final = _payload(cfg, net.cfg, prep, spec, cfg.steps, ema.state_dict(), {"best_val": None})
-    save_checkpoint(out / FINAL, final)
-    if val_set is None:
-        # nothing to select on: best is final
-        best_step = cfg.steps
-        save_checkpoint(out / BEST, final)
-    _write_log(out / "log.csv", columns, log_rows)
-    from medflow.report.curves import plot_training_curves
-
-    plot_training_curves(out / "log.csv", out / "curves.png")
-    return TrainResult(
-        out,
-        out / FINAL,
-        out / BEST,
-        best_val,
-        best_step,
-        cfg.steps,
-        log_rows[-1]["seconds"] if log_rows else 0.0,
-    )
+    elapsed0 = run.log_rows[-1]["seconds"] if run.log_rows else 0.0
+    try:
+        for step in range(run.start, cfg.steps):
+            row = run.step(step)
+            done = row["step"]
+            if run.val_set is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+                row.update(run.validate(done))
+                bar.set_postfix(val_dice=f"{row['val_dice']:.3f}")
+            row["seconds"] = elapsed0 + time.perf_counter() - t_start
+            run.log_rows.append(row)
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                run.save_last(done)
+            if "val_dice" in row or done % cfg.checkpoint_every == 0:
+                run.write_log()
+    finally:
+        bar.close()
+    return run.finish()
 
 
 def _write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
