@@ -6,22 +6,43 @@
     medflow evaluate --pred DIR --ref DIR --out DIR
 
 A problem with the user's input ends the command with one line on stderr naming the file or
-value, and exit code 2; nothing is half-written.
+value, and exit code 2; nothing is half-written. docs/ERRORS.md lists the problems and their
+messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from medflow import __version__
-from medflow.errors import MedflowError
+from medflow.errors import MedflowError, one_line
 
 EXIT_USER_ERROR = 2
+# OSErrors that are the machine's state, not our bug: reported in one line like a bad input
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.EFBIG,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(
+            EXIT_USER_ERROR,
+            f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n",
+        )
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -75,13 +96,27 @@ def _config_from_args(cls: type, args: argparse.Namespace):
     try:
         return cls(**given)
     except ValueError as exc:
-        raise MedflowError(f"bad training option: {str(exc).split(' (got ')[0]}") from exc
+        problem = str(exc).split(" (got ")[0]
+        if ", got " not in problem:
+            named = [
+                f"--{name.replace('_', '-')} {_flag_value(value)}"
+                for name, value in given.items()
+                if re.search(rf"\b{name}\b", problem)
+            ]
+            problem += f" (got {', '.join(named)})" if named else ""
+        raise MedflowError(f"bad training option: {problem}") from exc
+
+
+def _flag_value(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from medflow.segmentation.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="medflow", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="medflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"medflow {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -134,7 +169,13 @@ def _datasets(args: argparse.Namespace) -> int:
             print(f"{name:15s} {ds.description}")
         return 0
     if args.action == "build":
-        meta = builtin.build(args.name, args.out, force=args.force)
+        try:
+            meta = builtin.build(args.name, args.out, force=args.force)
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            # the build ran in a temporary sibling folder, already removed: name the target
+            raise MedflowError(f"{args.out}: cannot be written: {exc.strerror}") from exc
         split = meta["medflow"]["split"]
         print(
             f"built {args.name} in {args.out}: {len(split['train'])} training and "
@@ -144,10 +185,11 @@ def _datasets(args: argparse.Namespace) -> int:
     from medflow.data.layout import verify_dataset
 
     problems = verify_dataset(args.root)
+    # stderr holds the problems, one line each (``2> problems.txt``); the count goes to stdout
     for line in problems:
-        print(line, file=sys.stderr)
+        print(one_line(line), file=sys.stderr)
     if problems:
-        print(f"{args.root}: {len(problems)} problem(s) found", file=sys.stderr)
+        print(f"{args.root}: {len(problems)} problem(s) found")
         return EXIT_USER_ERROR
     print(f"{args.root}: OK")
     return 0
@@ -158,6 +200,8 @@ def _train(args: argparse.Namespace) -> int:
     from medflow.segmentation.train import train
 
     cfg = _config_from_args(TrainConfig, args)
+    if args.out.exists() and not args.out.is_dir():
+        raise MedflowError(f"{args.out}: is a file; expected a run folder")
     result = train(
         args.data,
         args.out,
@@ -167,6 +211,8 @@ def _train(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
     )
+    if not _main_rank():
+        return 0  # under torchrun every rank returns; rank 0 reports
     best = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s; best validation Dice "
@@ -176,12 +222,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_rank() -> bool:
+    from medflow.segmentation.distributed import Ranks
+
+    return Ranks.from_env().main
+
+
 def _predict(args: argparse.Namespace) -> int:
     from medflow.segmentation.predict import SamplingOptions, predict_folder
     from medflow.segmentation.runtime import configure_threads
 
-    if args.steps < 1 or args.samples < 1 or args.batch_size < 1:
-        raise MedflowError("--steps, --samples and --batch-size must be >= 1")
+    for flag in ("steps", "samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            name = "--" + flag.replace("_", "-")
+            raise MedflowError(f"{name} {getattr(args, flag)}: must be at least 1")
     configure_threads(args.threads)
     options = SamplingOptions(
         steps=args.steps,
@@ -199,7 +253,8 @@ def _predict(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
     )
-    print(f"wrote {len(written)} prediction(s) to {args.out}")
+    if _main_rank():
+        print(f"wrote {len(written)} prediction(s) to {args.out}")
     return 0
 
 
@@ -217,11 +272,21 @@ VERBS = {"datasets": _datasets, "train": _train, "predict": _predict, "evaluate"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; returns the exit code (0 ok, 2 user error)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad option (one line printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:
         return VERBS[args.verb](args)
     except MedflowError as exc:
-        print(f"medflow {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"medflow {args.verb}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        problem = exc.strerror or str(exc)
+        print(f"medflow {args.verb}: error: {one_line(where + problem)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"medflow {args.verb}: interrupted", file=sys.stderr)

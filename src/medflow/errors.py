@@ -10,6 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``, ``\\x00``).
+
+    Messages quote file names and ``dataset.json`` values, which may hold anything; escaping
+    keeps every message on one line whatever they hold.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message quotes a value, not a file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class MedflowError(Exception):
     """A problem with the user's input, stated in one line."""
 
@@ -25,7 +42,7 @@ class DataError(MedflowError):
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(one_line(f"{path}: {problem}"))
 
 
 class OutputExistsError(MedflowError):
@@ -33,4 +50,6 @@ class OutputExistsError(MedflowError):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        super().__init__(f"{path}: already exists and holds results; pass --force to overwrite")
+        super().__init__(
+            one_line(f"{path}: already exists and holds results; pass --force to overwrite")
+        )

@@ -44,7 +44,7 @@ def test_training_writes_a_complete_run_folder(tiny_dataset, tmp_path):
     rows = list(csv.DictReader((out / "log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert rows[1]["val_dice"] != "" and rows[0]["val_dice"] == ""
-    assert {"val_a", "val_b"} <= set(rows[0])
+    assert {"val_dice_a", "val_dice_b"} <= set(rows[0])
     best = load_checkpoint(out / "checkpoint_best.pt")
     assert best["step"] == result.best_step
     assert best["best_val"] == pytest.approx(

@@ -54,7 +54,8 @@ def plan_preprocessing(
     """Decide normalisation, slice axis and size from the training cases.
 
     CT channels need the training set's foreground intensity statistics, so every case is
-    read once; other schemes need only the first case (for the slice axis).
+    read once; other schemes need only the first case (for the slice axis, and whether the
+    data are 2D images or 3D volumes; :func:`load_slices` holds the other cases to that).
     """
     schemes = tuple(scheme_for(n) for n in spec.channel_names)
     first = read_image(cases[0].images)
@@ -83,7 +84,19 @@ def plan_preprocessing(
         slice_axis=axis,
         size=tuple(size),
         ct_stats=tuple(tuple(s) for s in ct_stats),
+        dims=first.geometry.dims,
     )
+
+
+def check_dims(image: Volume, prep: Preprocessing) -> None:
+    """Refuse a 3D volume for a model trained on 2D images: slicing it would give an answer
+    for data the model has never seen the like of."""
+    if prep.dims == 2 and image.geometry.dims == 3:
+        raise DataError(
+            image.path,
+            f"is a 3D volume of shape {image.geometry.shape} but the model was trained on "
+            "2D images",
+        )
 
 
 def prepare_image(
@@ -97,6 +110,7 @@ def prepare_image(
             image.path,
             f"has {arr.shape[0]} channel(s) but the model was trained on {len(prep.schemes)}",
         )
+    check_dims(image, prep)
     if prep.slice_axis >= 3 or arr.shape[1 + prep.slice_axis] < 1:
         raise DataError(image.path, f"cannot slice along axis {prep.slice_axis}")
     box = nonzero_box(arr) if prep.crop_nonzero else tuple(slice(0, s) for s in arr.shape[1:])
@@ -112,16 +126,24 @@ def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) ->
         if case.label is None:
             raise DataError(case.images[0], "has no label map")
         img = read_image(case.images)
+        if prep.dims == 2 and img.geometry.dims == 3:
+            raise DataError(
+                case.images[0],
+                f"is a 3D volume of shape {img.geometry.shape}, but the first training case is "
+                "a 2D image; a dataset holds 2D images or 3D volumes, not both",
+            )
         lab = read_label(case.label)
         if lab.geometry.shape != img.geometry.shape:
             raise DataError(
                 case.label,
-                f"shape {lab.geometry.shape} differs from its image's {img.geometry.shape}",
+                f"label has spatial shape {lab.geometry.shape}, but image {case.images[0]} has "
+                f"{img.geometry.shape}",
             )
         if int(lab.array.max()) >= num_classes:
             raise DataError(
                 case.label,
-                f"holds label {int(lab.array.max())} but only 0..{num_classes - 1} are declared",
+                f"holds label value {int(lab.array.max())}, but dataset.json declares only "
+                f"0..{num_classes - 1}",
             )
         x, box = prepare_image(img, prep)
         y = torch.from_numpy(to_slices(lab.array[box][None], prep.slice_axis)[:, 0])

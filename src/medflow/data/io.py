@@ -11,14 +11,24 @@ for a NIfTI input lands on the same grid. A PNG of ``H x W`` pixels is the volum
 ``(H, W, 1)`` and a TIFF stack of ``Z`` pages ``(H, W, Z)``. PNG and TIFF have unit spacing
 and an identity affine.
 
+Reading never ends in anything but a volume or one :class:`DataError` line naming the file:
+unreadable, truncated or empty files, NaN/Inf, and headers that declare more data than the
+file holds are refused, and the readers' own log chatter is kept off the terminal.
+
 Writes are atomic: the file is written beside its target under a temporary name and renamed,
-so an interrupted run never leaves a half-written output.
+so an interrupted run never leaves a half-written output. :func:`staged_outputs` extends that
+to a run that writes several files: they appear together or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +73,11 @@ class Geometry:
     ending: str
     header: object | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def dims(self) -> int:
+        """2 for a 2D image (a singleton spatial axis, e.g. ``(H, W, 1)``), else 3."""
+        return 2 if 1 in self.shape else 3
+
 
 @dataclass(frozen=True)
 class Volume:
@@ -95,6 +110,11 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
         raise DataError(path, f"has {data.ndim} dimensions; expected 2, 3 or 4")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     zooms = zooms + (1.0,) * (3 - len(zooms))
+    # nibabel already turns negative voxel sizes positive and zero ones into 1; NaN stays
+    if not (np.isfinite(zooms).all() and np.isfinite(img.affine).all()):
+        raise DataError(
+            path, f"header holds a non-finite voxel size {zooms} or orientation (corrupt?)"
+        )
     geom = Geometry(
         shape=tuple(int(s) for s in data.shape[:3]),
         spacing=zooms,
@@ -121,7 +141,23 @@ def _read_png(path: Path) -> np.ndarray:
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    data = tifffile.imread(path)
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise ValueError("holds no image")
+        series = tif.series[0]
+        declared = int(np.prod(series.shape, dtype=object)) * series.dtype.itemsize
+        size = path.stat().st_size
+        # a damaged header can declare any shape, and tifffile allocates it before reading;
+        # uncompressed pixels must fit in the file, and no TIFF codec expands more than 4096:1
+        limit = size if series.keyframe.compression == 1 else 4096 * size
+        if declared > limit:
+            raise ValueError(
+                f"header declares {series.shape} {series.dtype} pixels ({declared} bytes) but "
+                f"the file holds {size} bytes"
+            )
+        if series.dtype.kind not in "biuf":
+            raise DataError(path, f"TIFF holds {series.dtype} pixels; expected integers or reals")
+        data = series.asarray()
     if data.ndim == 2:
         return data[None, :, :, None].astype(np.float32)
     if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
@@ -132,29 +168,56 @@ def _read_tiff(path: Path) -> np.ndarray:
     raise DataError(path, f"TIFF has shape {data.shape}; expected a 2D page or a stack of pages")
 
 
+# loggers of the readers: nibabel reports the header fixes it makes, tifffile every oddity
+_READER_LOGGERS = ("nibabel.global", "tifffile")
+
+
+@contextlib.contextmanager
+def _quiet_readers() -> Iterator[None]:
+    """Keep the readers' log lines and warnings off the terminal: a file is either read or
+    refused with one DataError line, never followed by a stream of notes."""
+    loggers = [logging.getLogger(name) for name in _READER_LOGGERS]
+    before = [logger.disabled for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.disabled = True
+        try:
+            yield
+        finally:
+            for logger, disabled in zip(loggers, before):
+                logger.disabled = disabled
+
+
 def _read_any(path: Path) -> tuple[np.ndarray, Geometry]:
     """Read one file as ``(C, X, Y, Z)`` float32 with its geometry."""
     if not path.is_file():
         raise DataError(path, "file not found")
     ending = file_ending(path)
     try:
-        if ending in NIFTI_ENDINGS:
-            return _read_nifti(path)
-        data = _read_png(path) if ending in PNG_ENDINGS else _read_tiff(path)
+        with _quiet_readers():
+            if ending in NIFTI_ENDINGS:
+                data, geom = _read_nifti(path)
+            else:
+                data = _read_png(path) if ending in PNG_ENDINGS else _read_tiff(path)
+                geom = Geometry(
+                    shape=tuple(int(s) for s in data.shape[1:]),
+                    spacing=(1.0, 1.0, 1.0),
+                    affine=np.eye(4),
+                    ending=ending,
+                )
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear line
         kind = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}.get(ending, "NIfTI")
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # the message starts with the path already; readers tend to repeat it
+        detail = detail.replace(str(path), path.name)[:200]
         raise DataError(
             path, f"cannot be read as {kind} (corrupt or truncated?): {detail}"
         ) from exc
-    geom = Geometry(
-        shape=tuple(int(s) for s in data.shape[1:]),
-        spacing=(1.0, 1.0, 1.0),
-        affine=np.eye(4),
-        ending=ending,
-    )
+    if data.size == 0:
+        raise DataError(path, f"holds no voxels (shape {geom.shape}, {data.shape[0]} channels)")
     return data, geom
 
 
@@ -216,10 +279,55 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        # name the file the caller asked for, not our temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | Path) -> Iterator[Path]:
+    """A hidden folder inside ``out_dir`` for one run's outputs, which appear all together.
+
+    Files written into the yielded folder are moved into ``out_dir`` (``os.replace``: same
+    file system, one rename each) once the block has finished. If the block raises, the
+    folder is deleted, and so is ``out_dir`` where this call created it, so a failed run
+    leaves nothing behind. The folder's name is unique, so concurrent runs (one per rank)
+    may share ``out_dir``.
+
+    Raises:
+        DataError: ``out_dir`` is a file or cannot be created, or a move fails.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "is a file; expected an output folder")
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".medflow-partial-", dir=out_dir))
+    except OSError as exc:
+        raise DataError(out_dir, f"cannot create output folder: {exc.strerror or exc}") from exc
+    done = False
+    try:
+        yield stage
+        for staged in sorted(stage.iterdir()):
+            target = out_dir / staged.name
+            try:
+                os.replace(staged, target)
+            except OSError as exc:
+                raise DataError(target, f"cannot be written: {exc.strerror or exc}") from exc
+        done = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not done:
+            for folder in created:  # innermost first; only folders left empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:

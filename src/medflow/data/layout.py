@@ -18,6 +18,7 @@ the spirit of nnU-Net's ``--verify_dataset_integrity``, and returns every proble
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medflow.data import io
-from medflow.errors import DataError, MedflowError
+from medflow.errors import DataError, MedflowError, brief
 
 NNUNET = "nnunet"
 MSD = "msd"
@@ -35,7 +36,8 @@ _LAYOUT_NAMES = {NNUNET: "nnU-Net raw v2", MSD: "Medical Segmentation Decathlon"
 
 # nnU-Net's channel suffix: exactly four digits after the last underscore.
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>[0-9]{4})$")
-_INDEX = re.compile(r"^[0-9]+$")
+# an index or label value written as a JSON key: ASCII digits, short enough to be an int
+_INDEX = re.compile(r"[0-9]{1,9}")
 
 # Image/label grid agreement for NIfTI: spacing in mm, origin in mm, direction cosines.
 _SPACING_TOL = 1e-3
@@ -147,9 +149,34 @@ def _read_json(root: Path) -> tuple[Path, dict[str, Any]]:
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise DataError(path, f"is not valid JSON: {exc.msg} at {where}") from None
+    except ValueError as exc:  # a number too long for Python to convert
+        raise DataError(path, f"is not usable JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(path, "is not usable JSON: nested too deeply") from None
+    check_unicode(meta, path)
     if not isinstance(meta, dict):
         raise DataError(path, f"must hold a JSON object, not {_json_type(meta)}")
     return path, meta
+
+
+def check_unicode(value: object, path: Path) -> None:
+    """Refuse parsed JSON holding a lone surrogate: ``"\\ud800"`` is valid JSON but decodes
+    to no character, and a class name holding one would crash the CSV, log or terminal that
+    it reaches much later.
+
+    Raises:
+        DataError: naming ``path``.
+    """
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            path,
+            "holds a \\ud800-\\udfff escape, which is no character (a lone UTF-16 "
+            "surrogate); names must be valid Unicode text",
+        ) from None
+    except RecursionError:
+        raise DataError(path, "is not usable JSON: nested too deeply") from None
 
 
 def _detect_layout(meta: dict[str, Any], json_path: Path) -> str:
@@ -191,17 +218,18 @@ def _parse_channels(value: object, key: str, json_path: Path) -> tuple[str, ...]
         )
     channels: dict[int, str] = {}
     for index, name in value.items():
-        if not _INDEX.match(index) or not isinstance(name, str):
+        if not _INDEX.fullmatch(index) or not isinstance(name, str):
             raise DataError(
                 json_path,
-                f"'{key}' entry {index!r}: {name!r} must map an index string to a name string",
+                f"'{key}' entry {brief(index)}: {brief(name)} must map an index string to a "
+                "name string",
             )
         channels[int(index)] = name
     # compare against len(value): "0" and "00" collapse to one index
     if sorted(channels) != list(range(len(value))):
         raise DataError(
             json_path,
-            f"'{key}' indices must be exactly 0..{len(value) - 1}; found {list(value)}",
+            f"'{key}' indices must be exactly 0..{len(value) - 1}; found {brief(list(value))}",
         )
     return tuple(channels[i] for i in range(len(channels)))
 
@@ -224,11 +252,13 @@ def _parse_nnunet_labels(value: object, json_path: Path) -> dict[str, int]:
         if isinstance(v, (list, tuple)):
             raise DataError(
                 json_path,
-                f"label '{name}' is region-based ({v}); medflow supports one integer value "
-                "per class",
+                f"label {brief(name)} is region-based ({brief(v)}); medflow supports one "
+                "integer value per class",
             )
         if not isinstance(v, int) or isinstance(v, bool):
-            raise DataError(json_path, f"label '{name}' has value {v!r}; expected an integer")
+            raise DataError(
+                json_path, f"label {brief(name)} has value {brief(v)}; expected an integer"
+            )
         labels[name] = v
     return _checked_labels(labels, json_path)
 
@@ -242,13 +272,13 @@ def _parse_msd_labels(value: object, json_path: Path) -> dict[str, int]:
         )
     labels: dict[str, int] = {}
     for v, name in value.items():
-        if not _INDEX.match(v) or not isinstance(name, str):
+        if not _INDEX.fullmatch(v) or not isinstance(name, str):
             raise DataError(
                 json_path,
-                f"label entry {v!r}: {name!r} must map an integer string to a class name",
+                f"label entry {brief(v)}: {brief(name)} must map an integer string to a class name",
             )
         if name in labels:
-            raise DataError(json_path, f"class name '{name}' is used for two label values")
+            raise DataError(json_path, f"class name {brief(name)} is used for two label values")
         labels[name] = int(v)
     return _checked_labels(labels, json_path)
 
@@ -262,7 +292,7 @@ def _checked_labels(labels: dict[str, int], json_path: Path) -> dict[str, int]:
         raise DataError(
             json_path,
             f"label values must be exactly 0..{len(values) - 1} with no gaps or repeats; "
-            f"found {values}",
+            f"found {brief(values)}",
         )
     return dict(sorted(labels.items(), key=lambda item: item[1]))
 
@@ -278,7 +308,7 @@ def _parse_ending(value: object, json_path: Path) -> str:
     if ending != value:
         raise DataError(
             json_path,
-            f"file_ending {value!r} is not supported; expected one of "
+            f"file_ending {brief(value)} is not supported; expected one of "
             f"{', '.join(io.SUPPORTED_ENDINGS)}",
         )
     return value
@@ -301,7 +331,7 @@ def _load_nnunet(root: Path, name: str, meta: dict[str, Any], json_path: Path) -
     ending = _parse_ending(_require(meta, "file_ending", NNUNET, json_path), json_path)
     num_training = _require(meta, "numTraining", NNUNET, json_path)
     if not isinstance(num_training, int) or isinstance(num_training, bool):
-        raise DataError(json_path, f"'numTraining' must be an integer, not {num_training!r}")
+        raise DataError(json_path, f"'numTraining' must be an integer, not {brief(num_training)}")
 
     images_tr = root / "imagesTr"
     if not images_tr.is_dir():
@@ -463,7 +493,8 @@ def _listed_file(root: Path, entry: str, ending: str, key: str, json_path: Path)
         raise DataError(
             path, f"listed in {json_path.name} '{key}' with an ending other than {ending}"
         )
-    if not path.is_file():
+    # os.path.isfile, unlike Path.is_file, answers False for a name too long or holding NUL
+    if not os.path.isfile(path):
         raise DataError(path, f"not found; listed in {json_path.name} '{key}'")
     return path
 
@@ -638,8 +669,9 @@ def verify_dataset(root: str | Path) -> list[str]:
     Structural problems come from :func:`load_dataset` (and stop there, as one problem). Then
     each case is read, one at a time to keep memory low, and checked for: unreadable files,
     NaN/Inf in an image, a channel count other than ``channel_names``', image and label
-    shapes or (NIfTI) affines that disagree, label values not declared in ``dataset.json``;
-    and ``numTraining`` must equal the number of training cases.
+    shapes or (NIfTI) affines that disagree, label values not declared in ``dataset.json``,
+    a 2D image among 3D volumes or a 3D volume among 2D images; and ``numTraining`` must equal
+    the number of training cases.
 
     Args:
         root: the dataset folder.
@@ -654,8 +686,36 @@ def verify_dataset(root: str | Path) -> list[str]:
         return [str(exc)]
     problems = _check_num_training(spec)
     allowed = sorted(spec.labels.values())
+    geometries: dict[Path, io.Geometry] = {}
     for case in spec.training + spec.test:
-        problems += _check_case(case, len(spec.channel_names), allowed)
+        case_problems, image = _check_case(case, len(spec.channel_names), allowed)
+        problems += case_problems
+        if image is not None:
+            geometries[case.images[0]] = image.geometry
+    return problems + _mixed_dims(spec, geometries)
+
+
+_KIND = {2: ("a 2D image", "2D images"), 3: ("a 3D volume", "3D volumes")}
+
+
+def _mixed_dims(spec: DatasetSpec, geometries: dict[Path, io.Geometry]) -> list[str]:
+    """A dataset holds 2D images or 3D volumes, not both (a model trained on 2D images refuses
+    volumes). The kind most training cases have, the first case's on a tie, is the dataset's;
+    every case of the other kind is reported."""
+    train = [geometries[c.images[0]] for c in spec.training if c.images[0] in geometries]
+    if not train:
+        return []
+    count = {d: sum(g.dims == d for g in train) for d in (2, 3)}
+    kind = train[0].dims if count[2] == count[3] else max(count, key=count.__getitem__)
+    problems = []
+    for case in spec.training + spec.test:
+        geometry = geometries.get(case.images[0])
+        if geometry is not None and geometry.dims != kind:
+            problems.append(
+                f"{case.images[0]}: is {_KIND[geometry.dims][0]} of shape {geometry.shape}, but "
+                f"{count[kind]} of {len(train)} training cases are {_KIND[kind][1]}; a dataset "
+                "holds 2D images or 3D volumes, not both"
+            )
     return problems
 
 
@@ -673,7 +733,10 @@ def _check_num_training(spec: DatasetSpec) -> list[str]:
     return []
 
 
-def _check_case(case: Case, num_channels: int, allowed: list[int]) -> list[str]:
+def _check_case(
+    case: Case, num_channels: int, allowed: list[int]
+) -> tuple[list[str], io.Volume | None]:
+    """The problems of one case, and its image where it could be read."""
     problems: list[str] = []
     image = label = None
     try:
@@ -701,7 +764,7 @@ def _check_case(case: Case, num_channels: int, allowed: list[int]) -> list[str]:
             )
     if image is not None and label is not None:
         problems += _grid_problems(image.geometry, label.geometry, case)
-    return problems
+    return problems, image
 
 
 def _grid_problems(image: io.Geometry, label: io.Geometry, case: Case) -> list[str]:

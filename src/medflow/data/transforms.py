@@ -50,6 +50,8 @@ class Preprocessing:
         slice_axis: spatial axis (0, 1, 2 of ``(X, Y, Z)``) along which 2D slices are taken.
         size: ``(H, W)`` of network input slices.
         crop_nonzero: crop to the nonzero bounding box before resizing.
+        dims: 2 when the model was trained on 2D images (a singleton spatial axis, as a PNG
+            has), so that it refuses 3D volumes; 3 when it was trained on volumes.
     """
 
     schemes: tuple[str, ...]
@@ -57,6 +59,7 @@ class Preprocessing:
     size: tuple[int, int]
     ct_stats: tuple[tuple[float, ...], ...] = field(default=())
     crop_nonzero: bool = True
+    dims: int = 3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +72,8 @@ class Preprocessing:
             size=tuple(d["size"]),
             ct_stats=tuple(tuple(s) for s in d["ct_stats"]),
             crop_nonzero=bool(d["crop_nonzero"]),
+            # checkpoints written before the field existed accepted any volume
+            dims=int(d.get("dims", 3)),
         )
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medflow.data.io import SUPPORTED_ENDINGS, atomic_write, file_ending, read_label
-from medflow.errors import DataError, OutputExistsError
+from medflow.data.io import SUPPORTED_ENDINGS, file_ending, read_label, staged_outputs
+from medflow.data.layout import check_unicode
+from medflow.errors import DataError, OutputExistsError, brief
 from medflow.metrics.overlap import confusion, dice, iou
 from medflow.metrics.surface import surface_metrics
 
@@ -135,23 +136,31 @@ def _labels_from_dataset_json(path: Path) -> dict[str, int] | None:
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(path, f"cannot be read as JSON: {exc}") from exc
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DataError(path, f"cannot be read as JSON: {str(exc)[:200]}") from exc
+    except RecursionError:
+        raise DataError(path, "cannot be read as JSON: nested too deeply") from None
+    check_unicode(raw, path)
     labels = raw.get("labels") if isinstance(raw, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise DataError(path, 'has no "labels" mapping; add one or pass labels explicitly')
-    if all(isinstance(v, str) for v in labels.values()) and all(k.isdigit() for k in labels):
-        labels = {name: int(value) for value, name in labels.items()}  # MSD writes value -> name
+    # MSD writes value -> name; ASCII digits only ("²".isdigit() is true but int() refuses it)
+    if all(isinstance(v, str) for v in labels.values()) and all(
+        k.isascii() and k.isdigit() and len(k) < 10 for k in labels
+    ):
+        labels = {name: int(value) for value, name in labels.items()}
     for name, value in labels.items():
         if isinstance(value, list):
             raise DataError(
-                path, f"label {name!r} is a region {value}; regions are not supported, pass labels"
+                path,
+                f"label {brief(name)} is a region {brief(value)}; regions are not supported, "
+                "pass labels",
             )
     try:
         return _check_labels(labels)
     except ValueError as exc:
-        raise DataError(path, str(exc)) from exc
+        raise DataError(path, str(exc)[:300]) from exc
 
 
 def _labels_from_references(refs: dict[str, Path], ref_dir: Path) -> dict[str, int]:
@@ -224,8 +233,9 @@ def evaluate_folders(
 
     Files pair by case id (the file name without its ending, so ``case_001.nii.gz`` pairs with
     ``case_001.nii.gz`` or ``case_001.png``). Distances use the reference file's spacing.
-    Everything is read, checked and scored before anything is written, and both outputs are
-    written atomically.
+    Everything is read, checked and scored before anything is written, and both outputs
+    appear together (written into a hidden folder in ``out_dir``, then moved into place), so
+    a failure leaves neither.
 
     Args:
         pred_dir: folder of predicted label maps.
@@ -267,12 +277,13 @@ def evaluate_folders(
 
     per_case = [_evaluate_pair(c, preds[c], refs[c], labels) for c in cases]
     summary = _summarise(per_case, labels)
-    # serialise both before writing either, so a failure cannot leave one file new, one stale
-    csv_text = _csv_text(summary)
-    json_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(outputs[0], lambda tmp: tmp.write_text(csv_text))
-    atomic_write(outputs[1], lambda tmp: tmp.write_text(json_text))
+    texts = (_csv_text(summary), json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    with staged_outputs(out_dir) as stage:
+        for target, text in zip(outputs, texts):
+            try:
+                (stage / target.name).write_text(text)
+            except OSError as exc:  # disk full, permission denied: the user's to fix, named
+                raise DataError(target, f"cannot be written: {exc.strerror or exc}") from exc
     return summary
 
 

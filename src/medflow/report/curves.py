@@ -35,11 +35,16 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path) -> Path:
     ax_loss.set_xlabel("step")
     ax_loss.set_title("training loss")
     ax_loss.legend()
-    val_keys = [k for k in (rows[0] if rows else {}) if k.startswith("val_")]
+    # the mean and one column per class ("val_dice_<class>")
+    val_keys = [k for k in (rows[0] if rows else {}) if k.startswith("val_dice")]
     for key in val_keys:
         pts = [(r["step"], r[key]) for r in rows if not math.isnan(r[key])]
+        label = "mean" if key == "val_dice" else key[len("val_dice_") :]
         if pts:
-            ax_val.plot(*zip(*pts), marker="o", markersize=3, label=key[4:], linewidth=1)
+            # class names come from dataset.json: "$" would start matplotlib's math text
+            ax_val.plot(
+                *zip(*pts), marker="o", markersize=3, label=label.replace("$", r"\$"), linewidth=1
+            )
     ax_val.set_xlabel("step")
     ax_val.set_ylim(0, 1)
     ax_val.set_title("validation Dice (one step, EMA weights)")

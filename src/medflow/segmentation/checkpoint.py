@@ -48,8 +48,14 @@ def load_checkpoint(path: str | Path) -> dict:
             f"not a readable checkpoint (truncated or not a torch file?): "
             f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}",
         ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise DataError(path, f"not a medflow checkpoint (expected format {FORMAT!r})")
+    if ckpt["format"] != FORMAT:
+        raise DataError(
+            path,
+            f"checkpoint format {str(ckpt['format'])[:60]!r} is not one this "
+            f"medflow reads ({FORMAT!r}); was it written by another version?",
+        )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise DataError(path, f"checkpoint lacks {', '.join(missing)}")

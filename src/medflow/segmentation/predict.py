@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medflow.data.datasets import prepare_image
-from medflow.data.io import Volume, file_ending, read_image, write_volume
+from medflow.data.datasets import check_dims, prepare_image
+from medflow.data.io import Geometry, Volume, file_ending, read_image, staged_outputs, write_volume
 from medflow.data.layout import Case, find_cases
 from medflow.data.transforms import Preprocessing, from_slices, resize_images
 from medflow.errors import DataError, OutputExistsError
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import load_checkpoint
+from medflow.segmentation.distributed import Ranks, barrier, process_group
 from medflow.segmentation.inference import predict_probs
 from medflow.segmentation.runtime import progress, resolve_device
 
@@ -48,23 +49,34 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
         ckpt = load_checkpoint(checkpoint)
         self.path = Path(checkpoint)
-        self.net_cfg = NetConfig.from_dict(ckpt["net"])
-        self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
-        self.labels = {str(k): int(v) for k, v in ckpt["labels"].items()}
-        self.channel_names = list(ckpt["channel_names"])
-        self.min_gap = float(ckpt["config"].get("min_gap", 0.05))
-        self.parameterization = str(ckpt["config"].get("parameterization", "endpoint"))
         self.device = resolve_device(device)
-        net = SegNet(self.net_cfg)
+        try:
+            self.net_cfg = NetConfig.from_dict(ckpt["net"])
+            self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
+            self.labels = {str(k): int(v) for k, v in ckpt["labels"].items()}
+            self.channel_names = list(ckpt["channel_names"])
+            self.min_gap = float(ckpt["config"].get("min_gap", 0.05))
+            self.parameterization = str(ckpt["config"].get("parameterization", "endpoint"))
+            net = SegNet(self.net_cfg)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise DataError(
+                self.path,
+                f"settings stored in the checkpoint are unusable (corrupt or edited "
+                f"checkpoint): {type(exc).__name__}: {str(exc)[:120]}",
+            ) from exc
         try:
             # a resumable checkpoint carries the EMA weights beside the raw ones; predict with
             # the EMA, as checkpoint_best.pt (which holds only them) does
             net.load_state_dict(ckpt.get("ema", ckpt["model"]))
         except RuntimeError as exc:
+            # torch lists every mismatch on its own line after a header; the first one says
+            # which tensor and which shapes
+            lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+            first = f"; {lines[0][:160]}" if lines else ""
             raise DataError(
                 self.path,
                 "weights do not match the architecture stored with "
-                "them (corrupt or edited checkpoint)",
+                f"them (corrupt or edited checkpoint){first}",
             ) from exc
         self.net = net.to(self.device).eval()
 
@@ -115,11 +127,17 @@ def predict_folder(
     """Predict every case found at ``inputs`` (a file or a folder) into ``out_dir``.
 
     Every input is read and checked before the first output is written (a bad file found
-    halfway would otherwise leave a half-filled folder), and each output is written
-    atomically. Inputs are read again for prediction rather than held, so memory stays at
-    one case whatever the folder's size.
+    halfway would otherwise leave a half-filled folder), and outputs are written into a hidden
+    folder in ``out_dir`` and moved into place together once every case is done, so a failure
+    (a full disk) leaves nothing behind. Inputs are read again for prediction rather than
+    held, so memory stays at one case whatever the folder's size.
+
+    Under torchrun, rank ``r`` of ``N`` predicts ``cases[r::N]`` (every rank checks every
+    input first, so a bad file stops all of them before any output) and every rank returns
+    the whole list once all outputs are in place (docs/DISTRIBUTED.md).
     """
     predictor = Predictor(checkpoint, device)
+    ranks = Ranks.from_env()
     cases = find_cases(inputs, None, len(predictor.channel_names))
     out_dir = Path(out_dir)
     targets = [output_path(c, out_dir) for c in cases]
@@ -128,19 +146,38 @@ def predict_folder(
         raise OutputExistsError(existing[0])
     for case in cases:
         _read_checked(case, predictor)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for case, target in progress(
-        list(zip(cases, targets)), quiet=quiet, desc="predict", unit="case"
-    ):
-        volume = _read_checked(case, predictor)
-        labels = predictor.predict_volume(volume, options)
-        written.append(write_volume(target, labels, volume.geometry))
-    return written
+    with process_group(ranks, predictor.device):
+        barrier()  # no rank writes before every rank has checked for existing outputs
+        # all or nothing: outputs appear in out_dir once every case has been written
+        with staged_outputs(out_dir) as stage:
+            for case, target in progress(
+                ranks.shard(list(zip(cases, targets))),
+                quiet=quiet or not ranks.main,
+                desc="predict",
+                unit="case",
+            ):
+                volume = _read_checked(case, predictor)
+                labels = predictor.predict_volume(volume, options)
+                _write_staged(stage, target, labels, volume.geometry)
+                written.append(target)
+            # no rank moves its outputs into place before every rank has predicted its share:
+            # a rank that fails makes the others' barrier fail, and their stages are deleted
+            barrier()
+        barrier()  # every rank's outputs are in place
+    return targets if ranks.active else written
+
+
+def _write_staged(stage: Path, target: Path, labels: np.ndarray, geometry: Geometry) -> None:
+    try:
+        write_volume(stage / target.name, labels, geometry)
+    except OSError as exc:  # disk full, permission denied: the user's to fix, named
+        raise DataError(target, f"cannot be written: {exc.strerror or exc}") from exc
 
 
 def _read_checked(case: Case, predictor: Predictor) -> Volume:
     volume = read_image(case.images)
+    check_dims(volume, predictor.prep)
     n = volume.array.shape[0]
     if n != len(predictor.channel_names):
         raise DataError(

@@ -9,12 +9,17 @@ import sys
 import torch
 
 from medflow.errors import MedflowError
+from medflow.segmentation.distributed import Ranks
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; an explicit device must exist."""
+    """``"auto"`` -> CUDA when available, else CPU; an explicit device must exist.
+
+    Under torchrun, ``auto`` and ``cuda`` without an index mean this process's own GPU,
+    ``cuda:LOCAL_RANK``, so that N processes on a machine use N GPUs.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
@@ -23,22 +28,34 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise MedflowError(
             f"--device {name!r}: CUDA is not available on this machine; use --device auto or cpu"
         )
+    ranks = Ranks.from_env()
+    if device.type == "cuda" and device.index is None and ranks.active:
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise MedflowError(
+                f"local rank {ranks.local_rank} has no GPU of its own: this machine has "
+                f"{torch.cuda.device_count()}; start at most that many processes per node"
+            )
+        device = torch.device("cuda", ranks.local_rank)
     return device
 
 
 def configure_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads: ``None`` means one per available core.
+    """Set torch's intra-op threads: ``None`` means the available cores shared out between
+    the processes of this run on this machine (under torchrun ``LOCAL_WORLD_SIZE`` of
+    them, at least one thread each; otherwise all cores).
 
     Measured on the 2-vCPU CI machine (docs/PERFORMANCE.md): a training step of the default
     network at batch 16 and 96 x 96 runs 1.8x faster on two threads than on one, so all
-    cores is the default; tests pin one thread themselves.
+    cores is the default for one process; tests pin one thread themselves. More threads in
+    all than cores would make the processes preempt each other.
     """
     if threads is None:
-        threads = (
+        cores = (
             len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")
             else (os.cpu_count() or 1)
         )
+        threads = max(1, cores // Ranks.from_env().local_world)
     if threads < 1:
         raise MedflowError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)

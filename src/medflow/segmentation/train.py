@@ -8,6 +8,11 @@ step) and ``checkpoint_best.pt`` (the EMA weights at the best validation Dice).
 As in nnU-Net, the final checkpoint is the one to predict with: with a validation set of one
 or two cases, "best on validation" tracks those cases' idiosyncrasies (on mni152-tissue the
 validation slab's Dice fell while held-out test Dice rose, docs/SEGMENTATION.md).
+
+Under ``torchrun --nproc_per_node N`` the same function trains with DistributedDataParallel:
+``cfg.batch_size`` stays the global batch, every rank draws the whole batch's randomness from
+the same generator and trains on its own ``batch_size / N`` rows of it, and rank 0 alone
+logs, validates and writes the run folder (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import copy
 import csv
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +47,23 @@ from medflow.flows.paths import LinearPath, sample_time
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from medflow.segmentation.config import TrainConfig
+from medflow.segmentation.distributed import (
+    Ranks,
+    barrier,
+    from_main,
+    mean_over_ranks,
+    process_group,
+)
 from medflow.segmentation.inference import predict_probs
 from medflow.segmentation.runtime import autocast, configure_threads, progress, resolve_device
 
 LAST, BEST, FINAL = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 RUN_FILES = ("config.json", "log.csv", LAST, BEST, FINAL)
+# what atomic_write leaves when its process is killed mid-write: ".{stem}.partial-{pid}.{ext}"
+PARTIAL = re.compile(
+    r"\.(config|log|curves|checkpoint_last|checkpoint_best|checkpoint_final)"
+    r"\.partial-\d+\.(json|csv|png|pt)"
+)
 SLAB_GAP = 2  # slices dropped each side of a validation slab cut from a single volume
 
 
@@ -124,17 +142,34 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
         raise OutputExistsError(out)
 
 
+def _remove_partials(out: Path) -> list[Path]:
+    """Delete temporary files of a writer that was killed mid-write (a run folder has one
+    writer at a time, so any such file is stale); returns what was deleted."""
+    stale = [p for p in out.glob(".*.partial-*") if PARTIAL.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 class _Run:
     """One training run: data, network, optimiser and their state, and the operations on
     them. ``train`` drives it; each method does one thing."""
 
     def __init__(
-        self, data: Path, out: Path, cfg: TrainConfig, device: str, state: dict | None
+        self,
+        data: Path,
+        out: Path,
+        cfg: TrainConfig,
+        device: torch.device,
+        state: dict | None,
+        ranks: Ranks,
     ) -> None:
-        self.out, self.cfg = out, cfg
+        self.out, self.cfg, self.ranks = out, cfg, ranks
+        # this rank's rows of every global batch (all of them in a single process)
+        self.part = ranks.batch_part(cfg.batch_size)
         self.spec = load_dataset(data)
         configure_threads(cfg.threads)
-        self.dev = resolve_device(device)
+        self.dev = device
         torch.manual_seed(cfg.seed)
         # one generator for data order, noise, times and augmentation: resumable exactly
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -148,6 +183,13 @@ class _Run:
         self.train_set, self.val_set = _load_split(train_cases, val_cases, cfg, self.prep, self.k)
         self.net = build_net(cfg, len(self.spec.channel_names), self.k).to(self.dev)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        # the forward pass goes through DDP (gradients averaged over ranks); optimiser, EMA
+        # and checkpoints use the bare network, so its state_dict has no "module." prefix
+        self.model = self.net
+        if ranks.active:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
+            )
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -174,7 +216,7 @@ class _Run:
             "flow_loss",
             "seg_loss",
             "val_dice",
-            *[f"val_{n}" for n in self.class_names],
+            *[f"val_dice_{n}" for n in self.class_names],
             "seconds",
         ]
         self.log_rows = _read_log_until(out / "log.csv", self.start) if state else []
@@ -185,6 +227,7 @@ class _Run:
             "data": str(Path(data).resolve()),
             "device": str(self.dev),
             "threads": torch.get_num_threads(),
+            "processes": self.ranks.world,
             "train_slices": len(self.train_set),
             "val_slices": len(self.val_set) if self.val_set else 0,
             "preprocessing": self.prep.to_dict(),
@@ -193,10 +236,15 @@ class _Run:
 
     def losses(self, images: torch.Tensor, masks: torch.Tensor):
         """Loss terms of one batch: a point on the flow path for MedFlowSeg, or the
-        segmentation loss alone for the UNet."""
-        cfg = self.cfg
+        segmentation loss alone for the UNet.
+
+        ``images`` and ``masks`` are the whole global batch; the network sees this rank's
+        rows of it. Every rank draws the noise and times of the whole batch too, so the
+        ranks' generators stay in step and their rows together are the single-process batch.
+        """
+        cfg, part = self.cfg, self.part
         if not self.net.cfg.flow:
-            return self.loss_fn.segmentation_only(self.net(images), masks)
+            return self.loss_fn.segmentation_only(self.model(images[part]), masks[part])
         x1 = mask_to_flow(masks, self.k)
         x0 = torch.randn(x1.shape, generator=self.gen).to(self.dev)
         t = sample_time(
@@ -207,8 +255,9 @@ class _Run:
             zero_fraction=cfg.time_zero_fraction,
             generator=self.gen,
         ).to(self.dev)
+        x0, x1, t, images, masks = x0[part], x1[part], t[part], images[part], masks[part]
         sample = self.path.sample(x0, x1, t)
-        return self.loss_fn(self.net(sample.x_t, t, images), sample, x1, masks)
+        return self.loss_fn(self.model(sample.x_t, t, images), sample, x1, masks)
 
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
@@ -220,10 +269,15 @@ class _Run:
             images, masks = augment_batch(images, masks, self.k, self.gen)
         with autocast(self.dev):
             terms = self.losses(images, masks)
-        if not torch.isfinite(terms.total):
+        # the global batch's loss terms (the mean of the ranks'), so that every rank sees the
+        # same value and a divergence stops all of them together
+        total, flow, seg = mean_over_ranks(
+            torch.stack([terms.total, terms.flow, terms.seg]).detach()
+        ).tolist()
+        if not math.isfinite(total):
             last = self.out / LAST
             raise MedflowError(
-                f"training diverged: loss is {terms.total.item()} at step {step}; the last "
+                f"training diverged: loss is {total} at step {step + 1}; the last "
                 f"good checkpoint is {last if last.exists() else 'not written yet'}; "
                 "try a lower --lr"
             )
@@ -237,9 +291,9 @@ class _Run:
         return {
             "step": step + 1,
             "lr": self.sched.get_last_lr()[0],
-            "loss": terms.total.item(),
-            "flow_loss": terms.flow.item(),
-            "seg_loss": terms.seg.item(),
+            "loss": total,
+            "flow_loss": flow,
+            "seg_loss": seg,
         }
 
     def validate(self, done: int) -> dict:
@@ -253,7 +307,7 @@ class _Run:
         per_class = dice_per_class(probs.argmax(1), self.val_set.masks, self.k)
         row = {
             "val_dice": float(np.mean(per_class)),
-            **{f"val_{n}": d for n, d in zip(self.class_names, per_class)},
+            **{f"val_dice_{n}": d for n, d in zip(self.class_names, per_class)},
         }
         if self.best_val is None or row["val_dice"] > self.best_val:
             self.best_val, self.best_step = row["val_dice"], done
@@ -340,13 +394,27 @@ def train(
         quiet: no progress bar.
     """
     out = Path(out)
-    _check_run_dir(out, resume, force)
-    state = load_checkpoint(out / LAST) if resume else None
-    if state is not None:
-        cfg = TrainConfig.from_dict(state["config"])
-    run = _Run(Path(data), out, cfg, device, state)
+    ranks = Ranks.from_env()
+    dev = resolve_device(device)
+    with process_group(ranks, dev):
+        _check_run_dir(out, resume, force)
+        barrier()  # every rank has looked at the folder before rank 0 writes to it
+        state = load_checkpoint(out / LAST) if resume else None
+        if state is not None:
+            cfg = TrainConfig.from_dict(state["config"])
+        run = _Run(Path(data), out, cfg, dev, state, ranks)
+        result = _loop(run, Path(data), quiet) if ranks.main else _follow(run)
+        # rank 0's result everywhere; also keeps other ranks from returning before the
+        # run folder is complete
+        return from_main(result)
+
+
+def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
+    """Rank 0 (or the only process): train, log, validate and write the run folder."""
+    cfg, out = run.cfg, run.out
     out.mkdir(parents=True, exist_ok=True)
-    info = run.describe(Path(data))
+    _remove_partials(out)
+    info = run.describe(data)
     atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
 
     bar = progress(total=cfg.steps, initial=run.start, quiet=quiet, desc="train", unit="step")
@@ -369,6 +437,12 @@ def train(
     finally:
         bar.close()
     return run.finish()
+
+
+def _follow(run: _Run) -> None:
+    """Ranks other than 0: the same optimiser steps, nothing written."""
+    for step in range(run.start, run.cfg.steps):
+        run.step(step)
 
 
 def _write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
