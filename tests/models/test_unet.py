@@ -102,3 +102,13 @@ def test_overfits_one_batch():
     logits = net.eval()(torch.randn_like(x1), torch.zeros(4), img)
     acc = (logits.argmax(1) == mask).float().mean().item()
     assert acc > 0.97
+
+
+def test_without_image_branch_the_image_enters_only_at_the_stem():
+    net = flow_net(dbsa=False, faa=False, image_branch=False)
+    assert not hasattr(net, "cond_stem") and net.image_features(torch.randn(1, 2, 16, 16)) is None
+    out = net(torch.randn(1, 3, 16, 16), torch.rand(1), torch.randn(1, 2, 16, 16))
+    assert out.shape == (1, 3, 16, 16)
+    assert count_parameters(net) < count_parameters(flow_net(dbsa=False, faa=False))
+    with pytest.raises(ValueError, match="need the image branch"):
+        NetConfig(in_channels=1, num_classes=2, image_branch=False)

@@ -28,6 +28,10 @@ class NetConfig:
             below full resolution (else, and at full resolution, by addition). Only with
             ``flow``.
         faa: Frequency-Aware Attention at the bottleneck. Only with ``flow``.
+        image_branch: the light image encoder whose features enter every level. Off (with
+            ``dbsa`` and ``faa`` off, which need it), the image reaches the flow network only
+            through the stem, concatenated with ``x_t``: a plain conditional UNet, kept to
+            measure what the branch contributes.
         time_dim: width of the time embedding.
     """
 
@@ -37,9 +41,12 @@ class NetConfig:
     flow: bool = True
     dbsa: bool = True
     faa: bool = True
+    image_branch: bool = True
     time_dim: int = 128
 
     def __post_init__(self) -> None:
+        if self.flow and not self.image_branch and (self.dbsa or self.faa):
+            raise ValueError("dbsa and faa need the image branch (image_branch=True)")
         if self.in_channels < 1 or self.num_classes < 2:
             raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {self}")
         if len(self.channels) < 2:
@@ -82,7 +89,7 @@ class SegNet(nn.Module):
         stem_in = cfg.in_channels + (cfg.num_classes if cfg.flow else 0)
         self.stem = nn.Conv2d(stem_in, ch[0], 3, padding=1)
 
-        if cfg.flow:
+        if cfg.flow and cfg.image_branch:
             # the image branch sees no time: its features are the same for every step
             self.cond_stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
             self.cond_down = nn.ModuleList(
@@ -119,9 +126,11 @@ class SegNet(nn.Module):
             nn.GroupNorm(groups_for(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.num_classes, 1)
         )
 
-    def image_features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Image-branch features at every level; independent of ``x_t`` and ``t``, so a
-        multi-step sampler may compute them once per image."""
+    def image_features(self, image: torch.Tensor) -> list[torch.Tensor] | None:
+        """Image-branch features at every level (None without the branch); independent of
+        ``x_t`` and ``t``, so a multi-step sampler may compute them once per image."""
+        if not (self.cfg.flow and self.cfg.image_branch):
+            return None
         g = [self.cond_stem(image)]
         for down in self.cond_down:
             g.append(down(g[-1]))
@@ -141,7 +150,9 @@ class SegNet(nn.Module):
             x_t, t, image = args
             self._check(image)
             temb = self.time(t)
-            g = feats if feats is not None else self.image_features(image)
+            g = None
+            if self.cfg.image_branch:
+                g = feats if feats is not None else self.image_features(image)
             h = self.stem(torch.cat([x_t, image], dim=1))
         else:
             (image,) = args

@@ -31,6 +31,8 @@ class TrainConfig:
         channels: backbone width per resolution level.
         dbsa: use Dual-Branch Spatial Attention (else plain addition of image features).
         faa: use Frequency-Aware Attention at the bottleneck.
+        image_branch: image encoder injected at every level (off needs ``dbsa`` and ``faa``
+            off: the image then enters only concatenated with ``x_t``, for comparison).
         parameterization: ``"endpoint"`` (the network predicts the mask's class
             probabilities and the velocity follows from them, docs/MODEL.md) or
             ``"velocity"`` (the network outputs the velocity directly: the naive flow
@@ -67,6 +69,7 @@ class TrainConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     dbsa: bool = True
     faa: bool = True
+    image_branch: bool = True
     parameterization: str = "endpoint"
     time_schedule: str = "logit_normal"
     time_loc: float = -1.0

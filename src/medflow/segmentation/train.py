@@ -87,6 +87,7 @@ def build_net(cfg: TrainConfig, in_channels: int, num_classes: int) -> SegNet:
             flow=cfg.model == "medflowseg",
             dbsa=cfg.dbsa,
             faa=cfg.faa,
+            image_branch=cfg.image_branch,
         )
     )
 
