@@ -11,7 +11,9 @@ machine two such runs finish in 505 s where two 2-thread runs in a row take 612 
         --results benchmarks/results/mni152_seeds.json
 
 A ``--config`` is ``NAME`` or ``NAME:key=value,key=value`` (TrainConfig fields; booleans as
-true/false, tuples as 16/32/64).
+true/false, tuples as 16/32/64). With ``--reuse``, a run whose folder already holds a
+``result.json`` for the same name, seed, overrides and predict steps is read back instead of
+trained again, so a sweep that was killed can be finished and extended.
 """
 
 from __future__ import annotations
@@ -51,7 +53,27 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def finished(job: dict) -> dict | None:
+    """The run's earlier record when it matches the job exactly, else None."""
+    path = Path(job["run"]) / "result.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    overrides = json.loads(json.dumps(job["overrides"]))  # tuples as lists, like the file
+    same = (
+        record.get("config") == job["name"]
+        and record.get("seed") == job["seed"]
+        and record.get("overrides") == overrides
+    )
+    wanted = job["predict_steps"] if job["overrides"].get("model", "medflowseg") != "unet" else [1]
+    if same and all(str(n) in record.get("predict", {}) for n in wanted):
+        return record
+    return None
+
+
 def run_one(job: dict) -> dict:
+    if job["reuse"] and (record := finished(job)) is not None:
+        return record
     import torch
 
     from medflow.metrics.summary import evaluate_folders
@@ -108,6 +130,9 @@ def main() -> int:
     parser.add_argument("--predict-steps", type=int, nargs="+", default=[1])
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--results", type=Path, required=True, help="JSON to write")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read back runs already finished in --out"
+    )
     args = parser.parse_args()
     configs = [parse_config(c) for c in (args.config or ["default"])]
     jobs = [
@@ -119,6 +144,7 @@ def main() -> int:
             "run": str(args.out / f"{name}_seed{seed}"),
             "threads": 1,
             "predict_steps": args.predict_steps,
+            "reuse": args.reuse,
         }
         for name, ov in configs
         for seed in args.seeds
