@@ -53,3 +53,8 @@ class OutputExistsError(MedflowError):
         super().__init__(
             one_line(f"{path}: already exists and holds results; pass --force to overwrite")
         )
+
+
+class OptionError(MedflowError, ValueError):
+    """An option that does not fit the model at hand (a sampler the model cannot use), named
+    with its value; a ``ValueError`` as well, as bad arguments to the Python API are."""

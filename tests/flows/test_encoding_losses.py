@@ -24,6 +24,15 @@ def test_probs_of_off_simplex_state_are_normalised():
     assert torch.allclose(p[0, :, 0, 0], torch.tensor([0.5, 0.0, 0.5]))
 
 
+def test_probs_of_a_state_naming_no_class_are_uniform():
+    # a clipped diffusion estimate can sit at -1 in every channel: no class, not zero mass
+    x = torch.tensor([[[[-1.0, 1.0]], [[-1.0, -1.0]], [[-1.5, -1.0]]]])
+    p = flow_to_probs(x)
+    assert torch.allclose(p[0, :, 0, 0], torch.full((3,), 1 / 3))
+    assert torch.allclose(p[0, :, 0, 1], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(p.argmax(1), torch.tensor([[[0, 0]]]))
+
+
 def test_endpoint_lies_on_the_scaled_simplex():
     e = logits_to_endpoint(torch.randn(2, 4, 3, 3) * 5)
     assert torch.all(e >= -1) and torch.all(e <= 1)

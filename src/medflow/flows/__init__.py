@@ -10,6 +10,9 @@ Conventions, fixed once for the whole package:
 * Masks on disk are integer label maps (0 = background). The flow sees them through one pair
   of functions, :func:`mask_to_flow` (one-hot scaled to [-1, 1]) and :func:`flow_to_mask`
   (argmax over channels).
+* The diffusion baseline (:mod:`medflow.flows.diffusion`) keeps DDPM's own conventions
+  instead: integer steps ``i = 0 .. 999`` from data to noise, ``x_i = sqrt(abar_i) x_start +
+  sqrt(1 - abar_i) eps``, and a network that predicts ``eps``.
 """
 
 from medflow.flows.encoding import flow_to_mask, flow_to_probs, mask_to_flow

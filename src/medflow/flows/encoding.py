@@ -23,10 +23,13 @@ def flow_to_probs(x: torch.Tensor) -> torch.Tensor:
     """Map a flow state ``(B, K, H, W)`` back to class probabilities on the simplex.
 
     ``(x + 1) / 2`` recovers ``p`` exactly for points of the scaled simplex; states off it
-    (a sampler's intermediate steps) are clipped at 0 and renormalised.
+    (a sampler's intermediate steps, a diffusion model's clipped estimate) are clipped at 0
+    and renormalised. A pixel with every channel at or below -1 names no class and becomes
+    uniform (argmax: class 0, as before), so every pixel's probabilities sum to 1.
     """
     p = ((x + 1.0) * 0.5).clamp_min(0.0)
-    return p / p.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    total = p.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, p / total.clamp_min(1e-12), 1.0 / x.shape[1])
 
 
 def flow_to_mask(x: torch.Tensor) -> torch.Tensor:

@@ -95,3 +95,11 @@ class MedFlowSegLoss:
         """Cross-entropy + Dice alone, for the discriminative UNet baseline."""
         seg = self.seg(logits.float(), mask[:, None].long())
         return LossTerms(seg, seg.new_zeros(()), seg)
+
+
+def epsilon_loss(eps_hat: torch.Tensor, eps: torch.Tensor) -> LossTerms:
+    """DDPM's simple loss ``|eps_hat - eps|^2`` (mean over every element), alone: the
+    diffusion baseline trains as MedSegDiff does, with no segmentation term. It is reported
+    in the ``flow`` slot, the denoising term of the run's log."""
+    loss = (eps_hat.float() - eps.float()).pow(2).mean()
+    return LossTerms(loss, loss, loss.new_zeros(()))

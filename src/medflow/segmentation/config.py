@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from medflow.flows.diffusion import EPSILON
 from medflow.flows.losses import WEIGHTINGS
 from medflow.flows.parameterization import PARAMETERIZATIONS
 
-MODELS = ("medflowseg", "unet")
+MODELS = ("medflowseg", "unet", "diffusion")
 TIME_SCHEDULES = ("uniform", "logit_normal")
 
 
@@ -22,8 +23,10 @@ class TrainConfig:
     """Hyperparameters of one training run.
 
     Attributes:
-        model: ``"medflowseg"`` (flow matching, the default) or ``"unet"`` (the same
-            backbone trained discriminatively, for comparison).
+        model: ``"medflowseg"`` (flow matching, the default), ``"unet"`` (the same
+            backbone trained discriminatively) or ``"diffusion"`` (the same flow-mode
+            backbone trained to predict DDPM noise, MedSegDiff-style; predict with
+            ``--sampler ddim`` or ``ddpm``), the latter two for comparison.
         size: slices are resized to ``size x size``.
         slice_axis: spatial axis to slice along; None picks the coarsest (see
             :func:`medflow.data.transforms.choose_slice_axis`).
@@ -36,7 +39,10 @@ class TrainConfig:
         parameterization: ``"endpoint"`` (the network predicts the mask's class
             probabilities and the velocity follows from them, docs/MODEL.md) or
             ``"velocity"`` (the network outputs the velocity directly: the naive flow
-            segmenter, for comparison; needs ``seg_weight=0``).
+            segmenter, for comparison; needs ``seg_weight=0``). ``model="diffusion"`` sets
+            it to ``"epsilon"`` (the network predicts the noise) and ignores the time,
+            weighting and loss-weight options: its steps are uniform over DDPM's 1000 and
+            its loss is the noise's squared error alone.
         time_schedule: ``"logit_normal"`` or ``"uniform"`` training times.
         time_loc: location of the logit-normal (negative favours the noise end).
         time_scale: scale of the logit-normal.
@@ -94,6 +100,9 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.model == "diffusion" and self.parameterization == "endpoint":
+            # the default resolved: a noise-predicting network (stored, so predict knows)
+            object.__setattr__(self, "parameterization", EPSILON)
         checks = [
             (self.model in MODELS, f"model must be one of {MODELS}"),
             (
@@ -102,11 +111,15 @@ class TrainConfig:
             ),
             (self.loss_weighting in WEIGHTINGS, f"loss_weighting must be one of {WEIGHTINGS}"),
             (
-                self.parameterization in PARAMETERIZATIONS,
-                f"parameterization must be one of {PARAMETERIZATIONS}",
+                self.parameterization in (*PARAMETERIZATIONS, EPSILON),
+                f"parameterization must be one of {(*PARAMETERIZATIONS, EPSILON)}",
             ),
             (
-                self.parameterization == "endpoint" or self.seg_weight == 0,
+                (self.parameterization == EPSILON) == (self.model == "diffusion"),
+                f"parameterization {EPSILON} goes with model diffusion, and only with it",
+            ),
+            (
+                self.parameterization != "velocity" or self.seg_weight == 0,
                 "seg_weight must be 0 with parameterization velocity (no class scores)",
             ),
             (self.size >= 8, "size must be at least 8"),

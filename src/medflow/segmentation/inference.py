@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from medflow.errors import OptionError
+from medflow.flows.diffusion import (
+    DIFFUSION_SAMPLERS,
+    EPSILON,
+    NUM_TRAIN_STEPS,
+    EpsilonField,
+    ddim,
+    ddpm,
+)
 from medflow.flows.encoding import flow_to_probs
 from medflow.flows.parameterization import FlowField
 from medflow.flows.samplers import SAMPLERS
@@ -26,16 +37,23 @@ def predict_probs(
 ) -> torch.Tensor:
     """Class probabilities ``(N, K, H, W)`` (float32, on CPU) for slices ``(N, C, H, W)``.
 
-    A flow network integrates from Gaussian noise with ``sampler`` for ``steps`` steps
-    (one Euler step, one network evaluation, by default); with ``samples > 1`` it averages the
-    soft masks reached from independent noise draws. A plain UNet is one softmax.
-    Noise comes from a CPU generator seeded with ``seed``, so results do not depend on the
-    device or on ``batch_size``.
+    A flow network integrates from Gaussian noise with ``sampler`` (``"euler"`` or ``"heun"``)
+    for ``steps`` steps (one Euler step, one network evaluation, by default). A diffusion
+    network (``parameterization="epsilon"``) denoises from Gaussian noise with ``"ddim"``
+    (deterministic, eta = 0) or ancestral ``"ddpm"`` (``steps=1000``: every training step) in
+    ``steps`` network evaluations. Either way the end state ``x`` maps to probabilities as
+    ``(x + 1) / 2``, clipped at 0 and renormalised, and with ``samples > 1`` the probabilities
+    reached from independent noise draws are averaged. A plain UNet is one softmax.
+    Noise comes from a CPU generator seeded with ``seed`` (DDPM's fresh noise of every step
+    from one generator per slice, seeded from it), so results do not depend on the device or
+    on ``batch_size``.
+
+    Raises:
+        OptionError: ``sampler`` does not fit the model (``ddim``/``ddpm`` for a flow network
+            or UNet, anything else for a diffusion network), or too many diffusion steps.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-    if steps < 1 or samples < 1:
-        raise ValueError(f"steps and samples must be >= 1, got {steps} and {samples}")
+    diffusion = parameterization == EPSILON
+    _check_sampling(net, sampler, steps, samples, diffusion)
     device = next(net.parameters()).device
     k = net.cfg.num_classes
     was_training = net.training
@@ -46,21 +64,64 @@ def predict_probs(
         torch.randn(images.shape[0], k, *images.shape[-2:], generator=gen)
         for _ in range(samples if net.cfg.flow else 0)
     ]
+    # ancestral DDPM draws fresh noise at every step: one seed per sample and slice
+    seeds = torch.randint(2**62, (samples, images.shape[0]), generator=gen)
+    field = EpsilonField(net) if diffusion else FlowField(net, parameterization, min_gap)
     out = []
-    velocity = FlowField(net, parameterization, min_gap)
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device)
+        rows = slice(start, start + x.shape[0])
         with autocast(device):
             if not net.cfg.flow:
                 probs = torch.softmax(net(x).float(), dim=1)
             else:
-                cond = velocity.condition(x)
+                cond = field.condition(x)
                 probs = torch.zeros(x.shape[0], k, *x.shape[-2:], device=device)
-                for z in noise:
-                    x0 = z[start : start + batch_size].to(device)
-                    x1 = SAMPLERS[sampler](velocity, x0, cond, steps)
-                    probs += flow_to_probs(x1.float())
+                for j, z in enumerate(noise):
+                    x_end = z[rows].to(device)
+                    if not diffusion:
+                        end = SAMPLERS[sampler](field, x_end, cond, steps)
+                    elif sampler == "ddpm":
+                        end = ddpm(field, x_end, cond, steps, noise=_per_slice(seeds[j, rows]))
+                    else:
+                        end = ddim(field, x_end, cond, steps)
+                    probs += flow_to_probs(end.float())
                 probs /= len(noise)
         out.append(probs.float().cpu())
     net.train(was_training)
     return torch.cat(out)
+
+
+def _check_sampling(net: SegNet, sampler: str, steps: int, samples: int, diffusion: bool) -> None:
+    if steps < 1 or samples < 1:
+        raise ValueError(f"steps and samples must be >= 1, got {steps} and {samples}")
+    if diffusion:
+        if sampler not in DIFFUSION_SAMPLERS:
+            raise OptionError(
+                f"sampler {sampler!r} does not fit a diffusion model (it predicts noise); use "
+                "'ddim' (steps 10 or 50) or 'ddpm' (steps 1000)"
+            )
+        if steps > NUM_TRAIN_STEPS:
+            raise OptionError(
+                f"steps {steps}: a diffusion model has {NUM_TRAIN_STEPS} steps to sample"
+            )
+    elif sampler in DIFFUSION_SAMPLERS:
+        kind = "flow" if net.cfg.flow else "UNet"
+        raise OptionError(
+            f"sampler {sampler!r} is for diffusion models; this {kind} model takes "
+            f"{' or '.join(repr(s) for s in SAMPLERS)}"
+        )
+    elif sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+
+
+def _per_slice(seeds: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``noise(x)`` drawing row ``r`` of every step from a generator of its own, seeded with
+    ``seeds[r]``: a slice's noise is the same in whichever batch it falls."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def draw(x: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+        return z.to(x.device, x.dtype)
+
+    return draw

@@ -1,4 +1,4 @@
-"""Train MedFlowSeg (or the UNet baseline) on a dataset folder.
+"""Train MedFlowSeg (or the UNet or diffusion baseline) on a dataset folder.
 
 One function, :func:`train`, puts data, model, flow and optimiser together. A run folder
 holds ``config.json``, ``log.csv``, ``curves.png``, ``checkpoint_last.pt`` (resumable: model,
@@ -41,8 +41,9 @@ from medflow.data.io import atomic_write
 from medflow.data.layout import load_dataset
 from medflow.data.transforms import Preprocessing, augment_batch
 from medflow.errors import MedflowError, OutputExistsError
+from medflow.flows.diffusion import DiffusionSchedule, network_time, q_sample
 from medflow.flows.encoding import mask_to_flow
-from medflow.flows.losses import MedFlowSegLoss
+from medflow.flows.losses import MedFlowSegLoss, epsilon_loss
 from medflow.flows.paths import LinearPath, sample_time
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import FORMAT, load_checkpoint, save_checkpoint
@@ -65,6 +66,9 @@ PARTIAL = re.compile(
     r"\.partial-\d+\.(json|csv|png|pt)"
 )
 SLAB_GAP = 2  # slices dropped each side of a validation slab cut from a single volume
+# how validation samples each model (MedFlowSeg and the UNet: predict_probs' defaults);
+# DDIM with 10 steps costs ten evaluations, a cheap proxy for the samplers used to predict
+VALIDATION_SAMPLING = {"diffusion": {"sampler": "ddim", "steps": 10}}
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def build_net(cfg: TrainConfig, in_channels: int, num_classes: int) -> SegNet:
             in_channels=in_channels,
             num_classes=num_classes,
             channels=cfg.channels,
-            flow=cfg.model == "medflowseg",
+            flow=cfg.model != "unet",
             dbsa=cfg.dbsa,
             faa=cfg.faa,
             image_branch=cfg.image_branch,
@@ -199,6 +203,7 @@ class _Run:
             cfg.parameterization, cfg.loss_weighting, cfg.min_gap, cfg.flow_weight, cfg.seg_weight
         )
         self.path = LinearPath()
+        self.schedule = DiffusionSchedule.linear()
         self.start, self.best_val, self.best_step = 0, None, 0
         if state is not None:
             self.net.load_state_dict(state["model"])
@@ -236,8 +241,9 @@ class _Run:
         }
 
     def losses(self, images: torch.Tensor, masks: torch.Tensor):
-        """Loss terms of one batch: a point on the flow path for MedFlowSeg, or the
-        segmentation loss alone for the UNet.
+        """Loss terms of one batch: a point on the flow path for MedFlowSeg, a noised mask
+        at a uniform DDPM step for the diffusion baseline, or the segmentation loss alone for
+        the UNet.
 
         ``images`` and ``masks`` are the whole global batch; the network sees this rank's
         rows of it. Every rank draws the noise and times of the whole batch too, so the
@@ -248,6 +254,14 @@ class _Run:
             return self.loss_fn.segmentation_only(self.model(images[part]), masks[part])
         x1 = mask_to_flow(masks, self.k)
         x0 = torch.randn(x1.shape, generator=self.gen).to(self.dev)
+        if cfg.model == "diffusion":
+            # x0 is DDPM's noise: the network reads the noised mask and must name x0
+            i = torch.randint(self.schedule.num_steps, (x1.shape[0],), generator=self.gen)
+            x0, x1, i, images = x0[part], x1[part], i[part].to(self.dev), images[part]
+            x_t = q_sample(x1, i, x0, self.schedule)
+            return epsilon_loss(
+                self.model(x_t, network_time(i, self.schedule.num_steps), images), x0
+            )
         t = sample_time(
             x1.shape[0],
             cfg.time_schedule,
@@ -304,6 +318,7 @@ class _Run:
             self.val_set.images,
             parameterization=self.cfg.parameterization,
             min_gap=self.cfg.min_gap,
+            **VALIDATION_SAMPLING.get(self.cfg.model, {}),
         )
         per_class = dice_per_class(probs.argmax(1), self.val_set.masks, self.k)
         row = {
