@@ -2,8 +2,10 @@
 
     medflow datasets list | build NAME --out DIR | verify DIR
     medflow train    --data DIR --out RUN_DIR [hyperparameters]
-    medflow predict  --model CHECKPOINT --input FILE_OR_DIR --out DIR
+    medflow predict  --model CHECKPOINT --input FILE_OR_DIR --out DIR [--uncertainty]
     medflow evaluate --pred DIR --ref DIR --out DIR
+    medflow export   --model CHECKPOINT --out MODEL.onnx
+    medflow report   --pred DIR --eval DIR --out REPORT.html [--run RUN_DIR] [--png DIR]
 
 A problem with the user's input ends the command with one line on stderr naming the file or
 value, and exit code 2; nothing is half-written. docs/ERRORS.md lists the problems and their
@@ -137,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from checkpoint_last.pt")
     t.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine, started under torchrun "
+        "(default 1; see docs/DISTRIBUTED.md)",
+    )
     _add_config_flags(t.add_argument_group("hyperparameters"), TrainConfig)
 
     p = verbs.add_parser("predict", help="predict label maps for a file or a folder")
@@ -144,8 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="image file or folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--steps", type=int, default=1, help="ODE steps (default 1: one evaluation)")
-    p.add_argument("--sampler", default="euler", choices=("euler", "heun"))
+    p.add_argument(
+        "--sampler",
+        default="euler",
+        choices=("euler", "heun", "ddim", "ddpm"),
+        help="euler or heun for a flow model; ddim or ddpm for a diffusion model",
+    )
     p.add_argument("--samples", type=int, default=1, help="noise draws averaged (ensemble)")
+    p.add_argument(
+        "--fusion",
+        default="mean",
+        choices=("mean", "vote"),
+        help="fuse --samples by their mean soft mask or by majority vote of their label maps",
+    )
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write <case>_variance and <case>_entropy maps beside each mask, and "
+        "prediction.json (docs/UNCERTAINTY.md)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
     p.add_argument("--device", default="auto")
@@ -158,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
     e.add_argument("--out", required=True, type=Path, help="folder for per_case.csv, summary.json")
     e.add_argument("--force", action="store_true", help="overwrite an existing summary")
+
+    x = verbs.add_parser("export", help="ONNX file of a checkpoint's one-call predictor")
+    x.add_argument("--model", required=True, type=Path, help="checkpoint (.pt)")
+    x.add_argument("--out", required=True, type=Path, help="ONNX file to write")
+    x.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    r = verbs.add_parser("report", help="one self-contained HTML page (or PNG overlays)")
+    r.add_argument("--pred", required=True, type=Path, help="folder of predictions (and maps)")
+    r.add_argument("--eval", required=True, type=Path, help="folder holding summary.json")
+    r.add_argument("--out", type=Path, help="HTML file to write")
+    r.add_argument("--png", type=Path, help="folder for one overlay PNG per case")
+    r.add_argument("--images", type=Path, help="image folder (default: beside the references)")
+    r.add_argument("--run", type=Path, help="run folder: training curves and config")
+    r.add_argument("--force", action="store_true", help="overwrite an existing report")
     return parser
 
 
@@ -202,6 +242,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(TrainConfig, args)
     if args.out.exists() and not args.out.is_dir():
         raise MedflowError(f"{args.out}: is a file; expected a run folder")
+    if args.processes < 1:
+        raise MedflowError(f"--processes must be >= 1, got {args.processes}")
+    if args.processes > 1 and not _under_torchrun():
+        return _relaunch_under_torchrun(args.processes, args.argv)
     result = train(
         args.data,
         args.out,
@@ -220,6 +264,45 @@ def _train(args: argparse.Namespace) -> int:
         f"(best on validation: {result.best_checkpoint})"
     )
     return 0
+
+
+def _relaunch_under_torchrun(processes: int, argv: Sequence[str]) -> int:
+    """Run this same ``medflow train`` as ``processes`` ranks; each rank's threads default to
+    its share of the cores (runtime.configure_threads).
+
+    The ranks' stderr is read back rather than shown, because when a rank stops on a user
+    error torchrun adds a multi-line failure report; the rank's own one-line error is what
+    this command prints then, with exit code 2.
+    """
+    import subprocess
+
+    from medflow.segmentation.distributed import torchrun_command
+
+    rest, skip = [], False
+    for arg in argv:  # drop --processes N / --processes=N, so the ranks do not relaunch
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            rest.append(arg)
+    done = subprocess.run(
+        torchrun_command(processes, rest), check=False, stderr=subprocess.PIPE, text=True
+    )
+    if done.returncode == 0:
+        return 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("medflow train: ")]
+    if errors:
+        print(errors[0], file=sys.stderr)
+        return EXIT_USER_ERROR if "error:" in errors[0] else done.returncode
+    sys.stderr.write(done.stderr)
+    return done.returncode
+
+
+def _under_torchrun() -> bool:
+    from medflow.segmentation.distributed import Ranks
+
+    return Ranks.from_env().active
 
 
 def _main_rank() -> bool:
@@ -243,6 +326,7 @@ def _predict(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
         batch_size=args.batch_size,
+        fusion=args.fusion,
     )
     written = predict_folder(
         args.model,
@@ -252,9 +336,11 @@ def _predict(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         quiet=args.quiet,
+        uncertainty=args.uncertainty,
     )
     if _main_rank():
-        print(f"wrote {len(written)} prediction(s) to {args.out}")
+        maps = " with variance and entropy maps" if args.uncertainty else ""
+        print(f"wrote {len(written)} prediction(s){maps} to {args.out}")
     return 0
 
 
@@ -267,13 +353,53 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = {"datasets": _datasets, "train": _train, "predict": _predict, "evaluate": _evaluate}
+def _report(args: argparse.Namespace) -> int:
+    from medflow.report.html import write_report
+    from medflow.report.overlay import write_overlays
+
+    if args.out is None and args.png is None:
+        raise MedflowError("nothing to write: pass --out REPORT.html, --png DIR or both")
+    if args.out is not None:
+        path = write_report(
+            args.pred, args.eval, args.out, images=args.images, run=args.run, force=args.force
+        )
+        print(f"wrote {path}")
+    if args.png is not None:
+        written = write_overlays(
+            args.pred, args.eval, args.png, images=args.images, force=args.force
+        )
+        print(f"wrote {len(written)} overlay(s) to {args.png}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from medflow.segmentation.export import export_onnx
+
+    result = export_onnx(args.model, args.out, force=args.force)
+    check = (
+        "not checked (onnxruntime not installed)"
+        if result.max_abs_diff is None
+        else f"onnxruntime matches PyTorch within {result.max_abs_diff:.1e}"
+    )
+    print(f"wrote {result.path} (inputs: {', '.join(result.inputs)}); {check}")
+    return 0
+
+
+VERBS = {
+    "datasets": _datasets,
+    "train": _train,
+    "predict": _predict,
+    "evaluate": _evaluate,
+    "report": _report,
+    "export": _export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; returns the exit code (0 ok, 2 user error)."""
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help, --version, or a bad option (one line printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:

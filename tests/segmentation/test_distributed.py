@@ -275,3 +275,37 @@ def test_a_run_resumes_under_two_processes(launched):
         OUTPUT_ATOL_EXACT,
     )
     assert [int(r["step"]) for r in _rows(root / "resumed_mse")] == list(range(1, STEPS + 1))
+
+
+def test_processes_flag_trains_exactly_like_torchrun(launched, capsys):
+    """`medflow train --processes 2` starts the same two ranks torchrun does: same weights."""
+    from medflow.cli import main
+
+    root, data, _ = launched
+    out = root / "relaunched"
+    assert main(["train", "--data", str(data), "--out", str(out), *TRAIN, "--processes", "2"]) == 0
+    for name, keys in (
+        ("checkpoint_last.pt", ("model", "ema")),
+        ("checkpoint_final.pt", ("model",)),
+    ):
+        ours, theirs = load_checkpoint(out / name), load_checkpoint(root / "ddp" / name)
+        for key in keys:
+            assert ours[key].keys() == theirs[key].keys()
+            for param, tensor in theirs[key].items():
+                assert torch.equal(ours[key][param], tensor), (name, key, param)
+    untimed = [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(out)]
+    assert untimed == [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(root / "ddp")]
+
+
+def test_processes_flag_reports_a_rank_user_error_in_one_line(tmp_path, capsys):
+    from medflow.cli import main
+
+    (tmp_path / "data").mkdir()
+    code = main(
+        ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *TRAIN,
+         "--processes", "2"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "dataset.json" in err[0] and err[0].startswith("medflow train: error")
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ from medflow.data.layout import check_unicode
 from medflow.errors import DataError, OutputExistsError, brief
 from medflow.metrics.overlap import confusion, dice, iou
 from medflow.metrics.surface import surface_metrics
+from medflow.uncertainty.maps import split_map_name
 
 METRICS = ("dice", "iou", "hd95", "assd")
 CSV_COLUMNS = ("case", "class", *METRICS, "ref_voxels", "pred_voxels")
@@ -108,6 +109,9 @@ def _label_files(folder: Path, role: str) -> dict[str, Path]:
         if case in files:
             raise DataError(path, f"case {case!r} is also {files[case].name}; keep one file")
         files[case] = path
+    # uncertainty maps that `predict --uncertainty` writes beside a case's mask are no masks
+    for case in [c for c in files if (m := split_map_name(c)) and m[0] in files]:
+        del files[case]
     if not files:
         endings = ", ".join(SUPPORTED_ENDINGS)
         raise DataError(folder, f"{role} folder holds no label files ({endings})")
@@ -232,7 +236,9 @@ def evaluate_folders(
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
 
     Files pair by case id (the file name without its ending, so ``case_001.nii.gz`` pairs with
-    ``case_001.nii.gz`` or ``case_001.png``). Distances use the reference file's spacing.
+    ``case_001.nii.gz`` or ``case_001.png``). Uncertainty maps beside a mask
+    (``case_001_entropy.nii.gz``, ``case_001_variance.nii.gz``) are skipped. Distances use
+    the reference file's spacing.
     Everything is read, checked and scored before anything is written, and both outputs
     appear together (written into a hidden folder in ``out_dir``, then moved into place), so
     a failure leaves neither.

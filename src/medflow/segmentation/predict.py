@@ -3,6 +3,10 @@
 A volume is predicted slice by slice along the training slice axis and comes back as a
 volume of the input's shape, written in the input's format (NIfTI with the input's affine
 and header; PNG for PNG; TIFF for TIFF).
+
+With ``uncertainty=True`` every noise draw is kept apart (sample ``s`` from seed
+``seed + s``), fused by mean or majority vote, and a variance and an entropy map are written
+beside each mask (:mod:`medflow.uncertainty.maps`, docs/UNCERTAINTY.md).
 """
 
 from __future__ import annotations
@@ -11,9 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from medflow import __version__
 from medflow.data.datasets import check_dims, prepare_image
-from medflow.data.io import Geometry, Volume, file_ending, read_image, staged_outputs, write_volume
+from medflow.data.io import (
+    PNG_ENDINGS,
+    Geometry,
+    Volume,
+    atomic_write,
+    file_ending,
+    read_image,
+    staged_outputs,
+    write_volume,
+)
 from medflow.data.layout import Case, find_cases
 from medflow.data.transforms import Preprocessing, from_slices, resize_images
 from medflow.errors import DataError, OutputExistsError
@@ -22,6 +37,11 @@ from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.distributed import Ranks, barrier, process_group
 from medflow.segmentation.inference import predict_probs
 from medflow.segmentation.runtime import progress, resolve_device
+from medflow.uncertainty.fusion import FUSIONS, SampleStats
+from medflow.uncertainty.maps import MAPS, entropy_map, map_name, png_scale
+
+# written beside the masks by an uncertainty run: checkpoint, options, cases, version
+RECORD = "prediction.json"
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,8 @@ class SamplingOptions:
         samples: noise draws averaged into one soft mask (an ensemble).
         seed: seed of the noise.
         batch_size: slices per network call.
+        fusion: ``"mean"`` (argmax of the mean soft mask) or ``"vote"`` (majority vote of
+            the samples' label maps); used by :meth:`Predictor.predict_uncertain`.
     """
 
     steps: int = 1
@@ -41,6 +63,36 @@ class SamplingOptions:
     samples: int = 1
     seed: int = 0
     batch_size: int = 32
+    fusion: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {list(FUSIONS)}")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A label map with its uncertainty, all ``(X, Y, Z)`` on the input's grid.
+
+    Outside the crop box the network never sees, the label is background with confidence 1,
+    variance 0 and entropy 0.
+
+    Attributes:
+        labels: fused label map (int16).
+        confidence: mean soft-mask probability of the fused label (float32).
+        variance: variance across samples, summed over classes (float32).
+        entropy: predictive entropy of the mean soft mask in nats (float32).
+        samples: noise draws fused (1 for a plain UNet, which has no noise).
+        box: the crop box in ``(X, Y, Z)`` that the network predicted; outside it every
+            voxel is background by construction.
+    """
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    variance: np.ndarray
+    entropy: np.ndarray
+    samples: int
+    box: tuple[slice, slice, slice]
 
 
 class Predictor:
@@ -96,8 +148,7 @@ class Predictor:
             parameterization=self.parameterization,
             min_gap=self.min_gap,
         )
-        crop_shape = tuple(s.stop - s.start for s in box)
-        in_plane = tuple(n for a, n in enumerate(crop_shape) if a != self.prep.slice_axis)
+        in_plane = self._in_plane(box)
         # back to the native grid in chunks: a full CT at 512 x 512 would need gigabytes at once
         labels = np.concatenate(
             [
@@ -105,13 +156,90 @@ class Predictor:
                 for chunk in probs.split(options.batch_size)
             ]
         )
-        out = np.zeros(image.geometry.shape, dtype=np.int16)
-        out[box] = from_slices(labels, self.prep.slice_axis)
+        return self._paste(labels, box, image.geometry.shape, 0, np.int16)
+
+    def predict_uncertain(
+        self, image: Volume, options: SamplingOptions = SamplingOptions()
+    ) -> Prediction:
+        """Label map and uncertainty maps on the grid of ``image``.
+
+        Sample ``s`` of ``options.samples`` starts from the noise of seed ``options.seed + s``
+        (one ``predict_probs`` call each, so the samples stay apart); with one sample the
+        label map equals :meth:`predict_volume`'s. A plain UNet has no noise: it is run once,
+        and its variance is 0.
+        """
+        slices, box = prepare_image(image, self.prep)
+        draws = options.samples if self.net_cfg.flow else 1
+        stats = SampleStats()
+        for s in range(draws):
+            stats.add(
+                predict_probs(
+                    self.net,
+                    slices,
+                    steps=options.steps,
+                    sampler=options.sampler,
+                    samples=1,
+                    seed=options.seed + s,
+                    batch_size=options.batch_size,
+                    parameterization=self.parameterization,
+                    min_gap=self.min_gap,
+                )
+            )
+        in_plane = self._in_plane(box)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "conf", "var", "ent")}
+        step = options.batch_size
+        scores, mean, variance = stats.scores(options.fusion), stats.mean, stats.variance
+        for start in range(0, mean.shape[0], step):
+            part = slice(start, start + step)
+            # entropy and confidence of the resized soft mask: the probabilities that decide
+            # the label at each native voxel
+            probs = resize_images(mean[part], in_plane).clamp(0, 1)
+            probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+            if options.fusion == "mean":
+                labels = probs.argmax(1)
+            else:
+                labels = resize_images(scores[part], in_plane).argmax(1)
+            parts["labels"].append(labels.numpy().astype(np.int16))
+            parts["conf"].append(probs.gather(1, labels[:, None])[:, 0].numpy())
+            parts["ent"].append(entropy_map(probs).numpy())
+            var = resize_images(variance[part][:, None], in_plane)[:, 0].clamp_min(0)
+            parts["var"].append(var.numpy())
+        shape = image.geometry.shape
+        return Prediction(
+            labels=self._paste(np.concatenate(parts["labels"]), box, shape, 0, np.int16),
+            confidence=self._paste(np.concatenate(parts["conf"]), box, shape, 1, np.float32),
+            variance=self._paste(np.concatenate(parts["var"]), box, shape, 0, np.float32),
+            entropy=self._paste(np.concatenate(parts["ent"]), box, shape, 0, np.float32),
+            samples=draws,
+            box=box,
+        )
+
+    def _in_plane(self, box: tuple[slice, slice, slice]) -> tuple[int, int]:
+        crop_shape = tuple(s.stop - s.start for s in box)
+        return tuple(n for a, n in enumerate(crop_shape) if a != self.prep.slice_axis)
+
+    def _paste(
+        self,
+        slices: np.ndarray,
+        box: tuple[slice, slice, slice],
+        shape: tuple[int, int, int],
+        fill: float,
+        dtype: type,
+    ) -> np.ndarray:
+        """Slices ``(N, A, B)`` of the crop box into a ``fill``-valued volume ``shape``."""
+        out = np.full(shape, fill, dtype=dtype)
+        out[box] = from_slices(slices, self.prep.slice_axis)
         return out
 
 
 def output_path(case: Case, out_dir: Path) -> Path:
     return out_dir / f"{case.case_id}{file_ending(case.images[0])}"
+
+
+def map_paths(case: Case, out_dir: Path) -> list[Path]:
+    """Where ``--uncertainty`` writes a case's maps: ``<case>_variance``, ``<case>_entropy``."""
+    ending = file_ending(case.images[0])
+    return [out_dir / map_name(case.case_id, kind, ending) for kind in MAPS]
 
 
 def predict_folder(
@@ -123,6 +251,7 @@ def predict_folder(
     device: str = "auto",
     force: bool = False,
     quiet: bool = False,
+    uncertainty: bool = False,
 ) -> list[Path]:
     """Predict every case found at ``inputs`` (a file or a folder) into ``out_dir``.
 
@@ -132,18 +261,39 @@ def predict_folder(
     (a full disk) leaves nothing behind. Inputs are read again for prediction rather than
     held, so memory stays at one case whatever the folder's size.
 
+    With ``uncertainty``, each mask gets a variance and an entropy map beside it
+    (:func:`map_paths`) and ``out_dir`` a ``prediction.json`` naming the checkpoint, the
+    options and the cases. Then, and for ``options.fusion == "vote"``, samples are drawn
+    apart and fused by :meth:`Predictor.predict_uncertain` (sample ``s`` from seed
+    ``seed + s``); otherwise ``predict_probs`` averages its own ``samples`` draws.
+    Maps left by an earlier run for the same cases count as existing outputs: without
+    ``force`` they stop the run; with it and without ``uncertainty`` they are removed (with
+    ``prediction.json``), so no map describes another mask.
+
     Under torchrun, rank ``r`` of ``N`` predicts ``cases[r::N]`` (every rank checks every
     input first, so a bad file stops all of them before any output) and every rank returns
     the whole list once all outputs are in place (docs/DISTRIBUTED.md).
+
+    Returns:
+        The paths of the masks (not of the maps), in case order.
     """
     predictor = Predictor(checkpoint, device)
     ranks = Ranks.from_env()
     cases = find_cases(inputs, None, len(predictor.channel_names))
     out_dir = Path(out_dir)
     targets = [output_path(c, out_dir) for c in cases]
-    existing = [p for p in targets if p.exists()]
+    maps = {c.case_id: map_paths(c, out_dir) for c in cases}
+    # a map left beside a case's mask by an earlier run is an output of that case either way:
+    # replaced with --uncertainty, removed without it, never touched without --force
+    outputs = targets + [p for c in cases for p in maps[c.case_id]]
+    if uncertainty:
+        outputs.append(out_dir / RECORD)
+    existing = [p for p in outputs if p.exists()]
     if existing and not force:
         raise OutputExistsError(existing[0])
+    stale = [] if uncertainty else [p for p in outputs[len(targets) :] if p.exists()]
+    if stale and (out_dir / RECORD).exists():
+        stale.append(out_dir / RECORD)  # it describes the maps being removed
     for case in cases:
         _read_checked(case, predictor)
     written = []
@@ -158,20 +308,83 @@ def predict_folder(
                 unit="case",
             ):
                 volume = _read_checked(case, predictor)
-                labels = predictor.predict_volume(volume, options)
-                _write_staged(stage, target, labels, volume.geometry)
+                if uncertainty or options.fusion != "mean":
+                    pred = predictor.predict_uncertain(volume, options)
+                    _write_staged(stage, target, pred.labels, volume.geometry)
+                    k = predictor.net_cfg.num_classes
+                    for path, kind in zip(maps[case.case_id] if uncertainty else [], MAPS):
+                        _write_map_staged(
+                            stage, path, getattr(pred, kind), volume.geometry, kind, k
+                        )
+                else:
+                    labels = predictor.predict_volume(volume, options)
+                    _write_staged(stage, target, labels, volume.geometry)
                 written.append(target)
+            if uncertainty and ranks.main:
+                _write_record(stage / RECORD, predictor, options, cases)
             # no rank moves its outputs into place before every rank has predicted its share:
             # a rank that fails makes the others' barrier fail, and their stages are deleted
             barrier()
+        if ranks.main:
+            for path in stale:
+                path.unlink(missing_ok=True)
         barrier()  # every rank's outputs are in place
     return targets if ranks.active else written
+
+
+def _write_record(
+    path: Path, predictor: Predictor, options: SamplingOptions, cases: list[Case]
+) -> None:
+    import dataclasses
+    import json
+
+    record = {
+        "model": str(predictor.path.resolve()),
+        "flow": bool(predictor.net_cfg.flow),
+        "options": dataclasses.asdict(options),
+        "samples_drawn": options.samples if predictor.net_cfg.flow else 1,
+        "maps": list(MAPS),
+        "labels": predictor.labels,
+        "cases": [c.case_id for c in cases],
+        "medflow_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    try:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as exc:
+        raise DataError(path.parent.parent / path.name, f"cannot be written: {exc}") from exc
 
 
 def _write_staged(stage: Path, target: Path, labels: np.ndarray, geometry: Geometry) -> None:
     try:
         write_volume(stage / target.name, labels, geometry)
     except OSError as exc:  # disk full, permission denied: the user's to fix, named
+        raise DataError(target, f"cannot be written: {exc.strerror or exc}") from exc
+
+
+def write_map(
+    path: str | Path, values: np.ndarray, geometry: Geometry, kind: str, num_classes: int
+) -> Path:
+    """Write an uncertainty map ``(X, Y, Z)``: float32 NIfTI/TIFF, or a 16-bit PNG scaled by
+    :func:`~medflow.uncertainty.maps.png_scale` (PNG holds no reals)."""
+    path = Path(path)
+    if file_ending(path) not in PNG_ENDINGS:
+        return write_volume(path, np.asarray(values, dtype=np.float32), geometry)
+    from PIL import Image
+
+    if tuple(values.shape) != tuple(geometry.shape) or values.shape[2] != 1:
+        raise DataError(path, f"map of shape {values.shape} is not one plane of {geometry.shape}")
+    scaled = np.clip(values[:, :, 0] / png_scale(kind, num_classes), 0.0, 1.0)
+    plane = np.rint(scaled * 65535).astype(np.uint16)
+    return atomic_write(path, lambda tmp: Image.fromarray(plane).save(tmp, format="PNG"))
+
+
+def _write_map_staged(
+    stage: Path, target: Path, values: np.ndarray, geometry: Geometry, kind: str, k: int
+) -> None:
+    try:
+        write_map(stage / target.name, values, geometry, kind, k)
+    except OSError as exc:
         raise DataError(target, f"cannot be written: {exc.strerror or exc}") from exc
 
 
