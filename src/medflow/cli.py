@@ -152,12 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="checkpoint (.pt)")
     p.add_argument("--input", required=True, type=Path, help="image file or folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--steps", type=int, default=1, help="ODE steps (default 1: one evaluation)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="network steps (default: 1 for a flow model, one evaluation; 50 for ddim, "
+        "1000 for ddpm)",
+    )
     p.add_argument(
         "--sampler",
-        default="euler",
-        choices=("euler", "heun", "ddim", "ddpm"),
-        help="euler or heun for a flow model; ddim or ddpm for a diffusion model",
+        default="auto",
+        choices=("auto", "euler", "heun", "ddim", "ddpm"),
+        help="euler or heun for a flow model; ddim or ddpm for a diffusion model "
+        "(default auto: euler or ddim by the checkpoint)",
     )
     p.add_argument("--samples", type=int, default=1, help="noise draws averaged (ensemble)")
     p.add_argument(
@@ -316,7 +323,7 @@ def _predict(args: argparse.Namespace) -> int:
     from medflow.segmentation.runtime import configure_threads
 
     for flag in ("steps", "samples", "batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             name = "--" + flag.replace("_", "-")
             raise MedflowError(f"{name} {getattr(args, flag)}: must be at least 1")
     configure_threads(args.threads)

@@ -115,9 +115,10 @@ def test_ensembles_average_the_samples_probabilities(diffusion_run):
     pair = predict_probs(net, images, samples=2, seed=4, **kw)
     first = predict_probs(net, images, samples=1, seed=4, **kw)
     assert not torch.allclose(pair, first)  # the second draw changed the mean
-    # sample 1 of the pair starts from the second noise tensor drawn from the seed
-    gen = torch.Generator().manual_seed(4)
-    noises = [torch.randn(3, 3, 16, 16, generator=gen) for _ in range(2)]
+    # sample j of the pair starts from the noise of seed 4 + j
+    noises = [
+        torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4 + j)) for j in (0, 1)
+    ]
     from medflow.flows.diffusion import EpsilonField, ddim
     from medflow.flows.encoding import flow_to_probs
 
@@ -182,7 +183,30 @@ def test_cli_predicts_with_ddim_and_names_a_wrong_sampler(diffusion_run, tmp_pat
     labels = np.asarray(nib.load(str(out / "case04.nii.gz")).dataobj)
     assert set(np.unique(labels).tolist()) <= {0, 1, 2}
     capsys.readouterr()
-    assert main([*args, "--out", str(tmp_path / "q"), "--quiet"]) == 2
+    assert main([*args, "--out", str(tmp_path / "q"), "--sampler", "euler", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sampler 'euler' does not fit a diffusion model" in err[0]
     assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+
+
+def test_predict_without_sampler_flags_takes_the_models_default(diffusion_run, tmp_path):
+    """No --sampler/--steps: DDIM-50 for a diffusion checkpoint, one Euler step for a flow."""
+    import nibabel as nib
+
+    from medflow.segmentation.predict import DEFAULT_STEPS, SamplingOptions
+
+    data, result = diffusion_run
+    args = ["predict", "--model", str(result.final_checkpoint), "--input", str(data / "imagesTs")]
+    assert main([*args, "--out", str(tmp_path / "auto"), "--quiet"]) == 0
+    assert main([*args, "--out", str(tmp_path / "d50"), "--sampler", "ddim", "--steps", "50",
+                 "--quiet"]) == 0  # fmt: skip
+    for case in ("case04.nii.gz", "case05.nii.gz"):
+        auto = np.asarray(nib.load(str(tmp_path / "auto" / case)).dataobj)
+        assert np.array_equal(auto, np.asarray(nib.load(str(tmp_path / "d50" / case)).dataobj))
+    assert DEFAULT_STEPS["ddim"] == 50
+    flow = SamplingOptions().resolved(diffusion=False)
+    assert (flow.sampler, flow.steps) == ("euler", 1)
+    assert SamplingOptions(sampler="ddpm").resolved(diffusion=True).steps == 1000
+    assert SamplingOptions(steps=7).resolved(diffusion=True) == SamplingOptions(
+        sampler="ddim", steps=7
+    )

@@ -116,3 +116,24 @@ def test_png_maps_are_16_bit_scaled_to_their_maximum(tmp_path):
     vol = read_image([data / "imagesTs" / "case03_0000.png"])
     entropy = Predictor(ckpt, "cpu").predict_uncertain(vol, opts).entropy[:, :, 0]
     assert np.abs(stored / 65535 * math.log(3) - entropy).max() < 1e-4
+
+
+def test_an_ensemble_is_the_mean_of_one_sample_calls_with_consecutive_seeds():
+    """Sample j draws from seed + j, so maps or not, the same draws make the mean."""
+    import torch
+
+    from medflow.models.unet import NetConfig, SegNet
+    from medflow.segmentation.inference import predict_probs
+
+    torch.manual_seed(0)
+    net = SegNet(NetConfig(in_channels=1, num_classes=3, channels=(8, 16)))
+    images = torch.randn(5, 1, 16, 16)
+    kw = dict(steps=2, batch_size=2)
+    apart = predict_probs(net, images, samples=3, seed=4, per_sample=True, **kw)
+    assert apart.shape == (3, 5, 3, 16, 16)
+    for j in range(3):
+        one = predict_probs(net, images, samples=1, seed=4 + j, **kw)
+        assert torch.allclose(apart[j], one, atol=1e-6)
+    assert not torch.allclose(apart[0], apart[1], atol=1e-3)  # different noise, different masks
+    fused = predict_probs(net, images, samples=3, seed=4, **kw)
+    assert torch.allclose(fused, apart.mean(0), atol=1e-6)

@@ -34,8 +34,11 @@ def predict_probs(
     batch_size: int = 32,
     parameterization: str = "endpoint",
     min_gap: float = 0.05,
+    per_sample: bool = False,
 ) -> torch.Tensor:
-    """Class probabilities ``(N, K, H, W)`` (float32, on CPU) for slices ``(N, C, H, W)``.
+    """Class probabilities ``(N, K, H, W)`` (float32, on CPU) for slices ``(N, C, H, W)``;
+    with ``per_sample`` each sample's own, ``(S, N, K, H, W)``, not averaged (a plain UNet
+    has no noise and gives ``S = 1``).
 
     A flow network integrates from Gaussian noise with ``sampler`` (``"euler"`` or ``"heun"``)
     for ``steps`` steps (one Euler step, one network evaluation, by default). A diffusion
@@ -58,14 +61,16 @@ def predict_probs(
     k = net.cfg.num_classes
     was_training = net.training
     net.eval()
-    gen = torch.Generator().manual_seed(seed)
-    # one noise tensor per sample for the whole set, drawn before batching
+    # sample j's noise comes from a generator of its own seeded with seed + j, drawn for the
+    # whole set before batching: an ensemble of S samples is exactly the mean of S one-sample
+    # calls with seeds seed ... seed + S - 1, whatever the batch size
+    gens = [torch.Generator().manual_seed(seed + j) for j in range(samples)]
     noise = [
-        torch.randn(images.shape[0], k, *images.shape[-2:], generator=gen)
-        for _ in range(samples if net.cfg.flow else 0)
+        torch.randn(images.shape[0], k, *images.shape[-2:], generator=g)
+        for g in (gens if net.cfg.flow else [])
     ]
     # ancestral DDPM draws fresh noise at every step: one seed per sample and slice
-    seeds = torch.randint(2**62, (samples, images.shape[0]), generator=gen)
+    seeds = torch.stack([torch.randint(2**62, (images.shape[0],), generator=g) for g in gens])
     field = EpsilonField(net) if diffusion else FlowField(net, parameterization, min_gap)
     out = []
     for start in range(0, images.shape[0], batch_size):
@@ -73,10 +78,10 @@ def predict_probs(
         rows = slice(start, start + x.shape[0])
         with autocast(device):
             if not net.cfg.flow:
-                probs = torch.softmax(net(x).float(), dim=1)
+                draws = [torch.softmax(net(x).float(), dim=1)]
             else:
-                cond = field.condition(x)
-                probs = torch.zeros(x.shape[0], k, *x.shape[-2:], device=device)
+                cond = field.condition(x)  # once per batch, shared by every sample
+                draws = []
                 for j, z in enumerate(noise):
                     x_end = z[rows].to(device)
                     if not diffusion:
@@ -85,11 +90,13 @@ def predict_probs(
                         end = ddpm(field, x_end, cond, steps, noise=_per_slice(seeds[j, rows]))
                     else:
                         end = ddim(field, x_end, cond, steps)
-                    probs += flow_to_probs(end.float())
-                probs /= len(noise)
-        out.append(probs.float().cpu())
+                    draws.append(flow_to_probs(end.float()).cpu())
+        if per_sample:
+            out.append(torch.stack([d.float().cpu() for d in draws]))
+        else:
+            out.append((sum(draws) / len(draws)).float().cpu())
     net.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out, dim=1 if per_sample else 0)
 
 
 def _check_sampling(net: SegNet, sampler: str, steps: int, samples: int, diffusion: bool) -> None:

@@ -11,6 +11,7 @@ beside each mask (:mod:`medflow.uncertainty.maps`, docs/UNCERTAINTY.md).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from medflow.data.io import (
 from medflow.data.layout import Case, find_cases
 from medflow.data.transforms import Preprocessing, from_slices, resize_images
 from medflow.errors import DataError, OutputExistsError
+from medflow.flows.diffusion import EPSILON
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.distributed import Ranks, barrier, process_group
@@ -42,28 +44,42 @@ from medflow.uncertainty.maps import MAPS, entropy_map, map_name, png_scale
 
 # written beside the masks by an uncertainty run: checkpoint, options, cases, version
 RECORD = "prediction.json"
+# steps when none are asked for: the flow's single evaluation; for the diffusion baseline
+# DDIM-50, the budget MedSegDiff's users run with a fast solver, and every DDPM step
+DEFAULT_STEPS = {"euler": 1, "heun": 1, "ddim": 50, "ddpm": 1000}
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How a flow model turns noise into a mask.
+    """How a generative model (flow or diffusion) turns noise into a mask.
 
     Attributes:
-        steps: ODE steps (1 = one network evaluation, the default).
-        sampler: ``"euler"`` or ``"heun"``.
+        steps: network steps; None takes the model's default (:data:`DEFAULT_STEPS`: one
+            Euler step, one network evaluation, for a flow model; 50 DDIM steps for a
+            diffusion model).
+        sampler: ``"euler"`` or ``"heun"`` for a flow model, ``"ddim"`` or ``"ddpm"`` for a
+            diffusion model; ``"auto"`` picks ``"euler"`` or ``"ddim"`` by the checkpoint.
         samples: noise draws averaged into one soft mask (an ensemble).
-        seed: seed of the noise.
+        seed: seed of the noise (sample ``s`` starts from seed ``seed + s``).
         batch_size: slices per network call.
         fusion: ``"mean"`` (argmax of the mean soft mask) or ``"vote"`` (majority vote of
             the samples' label maps); used by :meth:`Predictor.predict_uncertain`.
     """
 
-    steps: int = 1
-    sampler: str = "euler"
+    steps: int | None = None
+    sampler: str = "auto"
     samples: int = 1
     seed: int = 0
     batch_size: int = 32
     fusion: str = "mean"
+
+    def resolved(self, diffusion: bool) -> SamplingOptions:
+        """These options with ``"auto"`` and ``None`` replaced by the model's defaults."""
+        sampler = self.sampler
+        if sampler == "auto":
+            sampler = "ddim" if diffusion else "euler"
+        steps = DEFAULT_STEPS.get(sampler, 1) if self.steps is None else self.steps
+        return dataclasses.replace(self, sampler=sampler, steps=steps)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -132,10 +148,15 @@ class Predictor:
             ) from exc
         self.net = net.to(self.device).eval()
 
+    def sampling(self, options: SamplingOptions) -> SamplingOptions:
+        """``options`` with the sampler and steps this model takes by default filled in."""
+        return options.resolved(diffusion=self.parameterization == EPSILON)
+
     def predict_volume(
         self, image: Volume, options: SamplingOptions = SamplingOptions()
     ) -> np.ndarray:
         """Label map ``(X, Y, Z)`` on the grid of ``image`` (outside the crop: background)."""
+        options = self.sampling(options)
         slices, box = prepare_image(image, self.prep)
         probs = predict_probs(
             self.net,
@@ -163,28 +184,27 @@ class Predictor:
     ) -> Prediction:
         """Label map and uncertainty maps on the grid of ``image``.
 
-        Sample ``s`` of ``options.samples`` starts from the noise of seed ``options.seed + s``
-        (one ``predict_probs`` call each, so the samples stay apart); with one sample the
-        label map equals :meth:`predict_volume`'s. A plain UNet has no noise: it is run once,
-        and its variance is 0.
+        Sample ``s`` of ``options.samples`` starts from the noise of seed ``options.seed + s``,
+        the same draws :meth:`predict_volume` averages, so with ``fusion="mean"`` the label
+        map equals :meth:`predict_volume`'s. A plain UNet has no noise: it is run once, and
+        its variance is 0.
         """
+        options = self.sampling(options)
         slices, box = prepare_image(image, self.prep)
-        draws = options.samples if self.net_cfg.flow else 1
         stats = SampleStats()
-        for s in range(draws):
-            stats.add(
-                predict_probs(
-                    self.net,
-                    slices,
-                    steps=options.steps,
-                    sampler=options.sampler,
-                    samples=1,
-                    seed=options.seed + s,
-                    batch_size=options.batch_size,
-                    parameterization=self.parameterization,
-                    min_gap=self.min_gap,
-                )
-            )
+        for probs in predict_probs(
+            self.net,
+            slices,
+            steps=options.steps,
+            sampler=options.sampler,
+            samples=options.samples,
+            seed=options.seed,
+            batch_size=options.batch_size,
+            parameterization=self.parameterization,
+            min_gap=self.min_gap,
+            per_sample=True,
+        ):
+            stats.add(probs)
         in_plane = self._in_plane(box)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "conf", "var", "ent")}
         step = options.batch_size
@@ -210,7 +230,7 @@ class Predictor:
             confidence=self._paste(np.concatenate(parts["conf"]), box, shape, 1, np.float32),
             variance=self._paste(np.concatenate(parts["var"]), box, shape, 0, np.float32),
             entropy=self._paste(np.concatenate(parts["ent"]), box, shape, 0, np.float32),
-            samples=draws,
+            samples=stats.count,
             box=box,
         )
 
@@ -263,9 +283,9 @@ def predict_folder(
 
     With ``uncertainty``, each mask gets a variance and an entropy map beside it
     (:func:`map_paths`) and ``out_dir`` a ``prediction.json`` naming the checkpoint, the
-    options and the cases. Then, and for ``options.fusion == "vote"``, samples are drawn
-    apart and fused by :meth:`Predictor.predict_uncertain` (sample ``s`` from seed
-    ``seed + s``); otherwise ``predict_probs`` averages its own ``samples`` draws.
+    options and the cases. Then, and for ``options.fusion == "vote"``, the samples are kept
+    apart and fused by :meth:`Predictor.predict_uncertain`; either way sample ``s`` starts
+    from the noise of seed ``seed + s``, so maps or not, the mean-fused mask is the same.
     Maps left by an earlier run for the same cases count as existing outputs: without
     ``force`` they stop the run; with it and without ``uncertainty`` they are removed (with
     ``prediction.json``), so no map describes another mask.
@@ -335,13 +355,12 @@ def predict_folder(
 def _write_record(
     path: Path, predictor: Predictor, options: SamplingOptions, cases: list[Case]
 ) -> None:
-    import dataclasses
     import json
 
     record = {
         "model": str(predictor.path.resolve()),
         "flow": bool(predictor.net_cfg.flow),
-        "options": dataclasses.asdict(options),
+        "options": dataclasses.asdict(predictor.sampling(options)),
         "samples_drawn": options.samples if predictor.net_cfg.flow else 1,
         "maps": list(MAPS),
         "labels": predictor.labels,
