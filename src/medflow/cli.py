@@ -192,6 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="folder for per_case.csv, summary.json")
     e.add_argument("--force", action="store_true", help="overwrite an existing summary")
 
+    bn = verbs.add_parser(
+        "bench", help="UNet, MedFlowSeg and diffusion side by side: Dice against cost"
+    )
+    bn.add_argument("--out", required=True, type=Path, help="folder for results and runs")
+    bn.add_argument(
+        "--mode",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick: 64 x 64, 60 steps, one seed, cheap samplers (minutes on a CPU); full: "
+        "the demo's 96 x 96 and 300 steps, 3 seeds, every sampler",
+    )
+    bn.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="embedded dataset names or nnU-Net raw folders (default: mni152-tissue dsb-nuclei)",
+    )
+    bn.add_argument(
+        "--methods", nargs="+", default=None, choices=("unet", "medflowseg", "diffusion")
+    )
+    bn.add_argument("--budget", nargs="+", default=None, choices=("steps", "time"))
+    bn.add_argument("--steps", type=int, default=None, help="training steps (steps budget)")
+    bn.add_argument("--seeds", type=int, nargs="+", default=None)
+    bn.add_argument("--device", default="auto")
+    bn.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    bn.add_argument("--force", action="store_true", help="overwrite an earlier results.json")
+    bn.add_argument("--quiet", action="store_true")
+
     x = verbs.add_parser("export", help="ONNX file of a checkpoint's one-call predictor")
     x.add_argument("--model", required=True, type=Path, help="checkpoint (.pt)")
     x.add_argument("--out", required=True, type=Path, help="ONNX file to write")
@@ -379,6 +407,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from medflow.segmentation.bench import BenchConfig, markdown_table, run_bench
+    from medflow.segmentation.runtime import configure_threads
+
+    cfg = BenchConfig.quick() if args.mode == "quick" else BenchConfig()
+    given = {
+        "datasets": tuple(args.data) if args.data else None,
+        "methods": tuple(args.methods) if args.methods else None,
+        "budgets": tuple(args.budget) if args.budget else None,
+        "steps": args.steps,
+        "seeds": tuple(args.seeds) if args.seeds else None,
+    }
+    if args.steps is not None and args.steps < 1:
+        raise MedflowError(f"--steps {args.steps}: must be at least 1")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    configure_threads(args.threads)
+    record = run_bench(cfg, args.out, device=args.device, force=args.force, quiet=args.quiet)
+    print(markdown_table(record["rows"]), end="")
+    print(f"wrote {args.out / 'results.json'}, results.md, dice_vs_cost.png, curves.png")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from medflow.segmentation.export import export_onnx
 
@@ -399,6 +451,7 @@ VERBS = {
     "evaluate": _evaluate,
     "report": _report,
     "export": _export,
+    "bench": _bench,
 }
 
 

@@ -1,0 +1,455 @@
+"""`medflow bench`: UNet, MedFlowSeg and the diffusion baseline side by side, on the same data,
+under the same budget, in one process.
+
+For every dataset, budget, method and seed: train; then, for every sampling setting of that
+method, predict the held-out split with the final EMA checkpoint and evaluate it at native
+resolution (Dice, IoU, HD95, ASSD per class), and measure on the same test slices, under the
+same threads: network latency (ms per slice at batch 1), throughput (slices per second at
+the bench's batch), peak memory while predicting (resident set on CPU, max allocated on
+CUDA) and the counted cost (:mod:`medflow.segmentation.cost`). Two budgets:
+
+* ``steps``: every method trains the same number of steps;
+* ``time``: every method trains for the same wall-clock time, the steps chosen from a short
+  timed probe of that method on this machine (so each keeps a complete warm-up and cosine
+  schedule).
+
+Writes ``results.json``, ``results.md``, ``dice_vs_cost.png`` and ``curves.png`` into the
+output folder, and every run's own folder under ``runs/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medflow import __version__
+from medflow.data.builtin import build as build_builtin
+from medflow.data.datasets import prepare_image
+from medflow.data.io import atomic_write, read_image
+from medflow.data.layout import find_cases
+from medflow.errors import MedflowError, OutputExistsError
+from medflow.metrics.summary import evaluate_folders
+from medflow.segmentation.config import TrainConfig
+from medflow.segmentation.cost import inference_cost
+from medflow.segmentation.inference import predict_probs
+from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
+from medflow.segmentation.train import train
+
+BUDGETS = ("steps", "time")
+# sampling settings per method: (label, SamplingOptions fields)
+FULL_SETTINGS = {
+    "unet": [("1 call", {})],
+    "medflowseg": [
+        ("euler-1", {"steps": 1}),
+        ("euler-2", {"steps": 2}),
+        ("euler-4", {"steps": 4}),
+        ("euler-8", {"steps": 8}),
+        ("euler-1 x5", {"steps": 1, "samples": 5}),
+    ],
+    "diffusion": [
+        ("ddim-10", {"sampler": "ddim", "steps": 10}),
+        ("ddim-50", {"sampler": "ddim", "steps": 50}),
+        ("ddim-10 x5", {"sampler": "ddim", "steps": 10, "samples": 5}),
+        ("ddpm-1000", {"sampler": "ddpm", "steps": 1000}),
+    ],
+}
+QUICK_SETTINGS = {
+    "unet": [("1 call", {})],
+    "medflowseg": [("euler-1", {"steps": 1}), ("euler-4", {"steps": 4})],
+    "diffusion": [("ddim-10", {"sampler": "ddim", "steps": 10})],
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `medflow bench` runs.
+
+    Attributes:
+        datasets: embedded dataset names, built into ``<out>/data``, or paths of nnU-Net raw
+            folders (with ``imagesTs``/``labelsTs``).
+        methods: TrainConfig models to compare.
+        budgets: ``"steps"`` and/or ``"time"``.
+        steps: training steps under the steps budget.
+        seconds: training seconds under the time budget (None: what MedFlowSeg needs for
+            ``steps``, so the two budgets share their MedFlowSeg run's length).
+        seeds: training seeds.
+        settings: sampling settings per method (label, SamplingOptions fields).
+        train: TrainConfig fields shared by every run (size, batch, channels, ...).
+        probe_steps: timed steps of the probe (after 2 untimed) that sets the time budget's
+            steps.
+        latency_slices: slices timed one by one for the latency.
+    """
+
+    datasets: tuple[str, ...] = ("mni152-tissue", "dsb-nuclei")
+    methods: tuple[str, ...] = ("unet", "medflowseg", "diffusion")
+    budgets: tuple[str, ...] = ("steps",)
+    steps: int = 300
+    seconds: float | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    settings: dict = field(default_factory=lambda: FULL_SETTINGS)
+    train: dict = field(default_factory=dict)
+    probe_steps: int = 8
+    latency_slices: int = 8
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        """A few minutes on a 2-core CPU: 64 x 64, 60 steps, one seed, cheap samplers."""
+        return cls(
+            budgets=("steps",),
+            steps=60,
+            seeds=(0,),
+            settings=QUICK_SETTINGS,
+            train={"size": 64, "batch_size": 8, "val_every": 30, "checkpoint_every": 60},
+            latency_slices=4,
+        )
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.budgets if b not in BUDGETS]
+        if bad or not self.budgets:
+            raise MedflowError(f"budget must be among {BUDGETS}, got {list(self.budgets)}")
+        missing = [m for m in self.methods if m not in self.settings]
+        if missing:
+            raise MedflowError(f"no sampling settings for method(s) {missing}")
+
+
+class _PeakRSS:
+    """Highest resident set of this process while the block runs (sampled every 5 ms from
+    /proc; on systems without it, the process's lifetime peak)."""
+
+    def __enter__(self) -> _PeakRSS:
+        self.peak, self._stop = _rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _rss_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _test_slices(data: Path, predictor: Predictor) -> torch.Tensor:
+    cases = find_cases(data / "imagesTs", None, len(predictor.channel_names))
+    if not cases:
+        raise MedflowError(f"{data / 'imagesTs'}: no test images to benchmark on")
+    return torch.cat([prepare_image(read_image(c.images), predictor.prep)[0] for c in cases])
+
+
+def measure_setting(
+    predictor: Predictor, slices: torch.Tensor, options: SamplingOptions, latency_slices: int
+) -> dict:
+    """Latency, throughput, peak memory and counted cost of one sampling setting."""
+    options = predictor.sampling(options)
+    kw = dict(
+        steps=options.steps,
+        sampler=options.sampler,
+        samples=options.samples,
+        parameterization=predictor.parameterization,
+    )
+    net, device = predictor.net, predictor.device
+    one = slices[:1].to(device)
+    predict_probs(net, one, **kw)  # warm-up: allocator, oneDNN primitive cache
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(min(latency_slices, slices.shape[0])):
+        t0 = time.perf_counter()
+        predict_probs(net, slices[i : i + 1].to(device), **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    with _PeakRSS() as rss:
+        t0 = time.perf_counter()
+        predict_probs(net, slices, batch_size=options.batch_size, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        batch_seconds = time.perf_counter() - t0
+    cost = inference_cost(net, slices.shape[-1], **kw)
+    return {
+        "sampler": options.sampler,
+        "steps": options.steps,
+        "samples": options.samples,
+        "parameters": cost.parameters,
+        "evaluations_per_image": cost.evaluations,
+        "gflops_per_image": cost.gflops,
+        "latency_ms_per_image": 1000.0 * statistics.median(times),
+        "throughput_images_per_s": slices.shape[0] / batch_seconds,
+        "peak_memory_mib": (
+            torch.cuda.max_memory_allocated(device) / 2**20
+            if device.type == "cuda"
+            else rss.peak / 2**20
+        ),
+        "memory_kind": "cuda max allocated" if device.type == "cuda" else "cpu resident set",
+    }
+
+
+def _datasets(cfg: BenchConfig, out: Path, quiet: bool) -> dict[str, Path]:
+    found = {}
+    for name in cfg.datasets:
+        path = Path(name)
+        if path.is_dir():
+            found[path.name] = path
+            continue
+        target = out / "data" / name
+        if not (target / "dataset.json").is_file():
+            if not quiet:
+                print(f"building {name} into {target}")
+            build_builtin(name, target, force=True)
+        found[name] = target
+    return found
+
+
+def _steps_for(method: str, budget: str, cfg: BenchConfig, data: Path, work: Path, seconds):
+    """Steps of ``method`` under ``budget``; for time, from a timed probe on this machine."""
+    if budget == "steps":
+        return cfg.steps, None
+    import csv
+
+    base = {**_train_fields(cfg), "val_every": 10**6, "checkpoint_every": 10**6}
+    probe = TrainConfig(**{**base, "model": method, "steps": cfg.probe_steps + 2})
+    result = train(data, work / f"probe_{method}", probe, force=True, quiet=True)
+    log = list(csv.DictReader((result.run_dir / "log.csv").read_text().splitlines()))
+    # timed from the end of step 2: the first steps fill the allocator and oneDNN caches
+    per_step = (float(log[-1]["seconds"]) - float(log[1]["seconds"])) / (len(log) - 2)
+    return max(1, round(seconds / per_step)), per_step
+
+
+def _train_fields(cfg: BenchConfig) -> dict:
+    """The shared TrainConfig fields; threads default to the bench's own, so training and
+    prediction run under the same thread setting."""
+    return {"threads": torch.get_num_threads(), **cfg.train}
+
+
+def run_bench(
+    cfg: BenchConfig, out: str | Path, *, device: str = "auto", force: bool = False, quiet=False
+) -> dict:
+    """Run the benchmark into ``out``; returns the record written to ``results.json``."""
+    out = Path(out)
+    if (out / "results.json").exists() and not force:
+        raise OutputExistsError(out / "results.json")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ds_name, data in _datasets(cfg, out, quiet).items():
+        seconds = cfg.seconds
+        if "time" in cfg.budgets and seconds is None:
+            # the time MedFlowSeg needs for `steps` on this machine
+            _, per_step = _steps_for("medflowseg", "time", cfg, data, out / "probes" / ds_name, 1)
+            seconds = per_step * cfg.steps
+        for budget in cfg.budgets:
+            for method in cfg.methods:
+                steps, per_step = _steps_for(
+                    method, budget, cfg, data, out / "probes" / ds_name, seconds
+                )
+                for seed in cfg.seeds:
+                    run = out / "runs" / f"{ds_name}_{budget}_{method}_seed{seed}"
+                    tcfg = TrainConfig(
+                        **{**_train_fields(cfg), "model": method, "steps": steps, "seed": seed}
+                    )
+                    if not quiet:
+                        print(f"{ds_name} | {budget} budget | {method} seed {seed}: {steps} steps")
+                    result = train(data, run, tcfg, device=device, force=True, quiet=True)
+                    predictor = Predictor(result.final_checkpoint, device)
+                    slices = _test_slices(data, predictor)
+                    for label, fields in cfg.settings[method]:
+                        options = SamplingOptions(**fields)
+                        tag = label.replace(" ", "")
+                        pred, ev = run / f"pred_{tag}", run / f"eval_{tag}"
+                        predict_folder(
+                            result.final_checkpoint,
+                            data / "imagesTs",
+                            pred,
+                            device=device,
+                            force=True,
+                            quiet=True,
+                            options=options,
+                        )
+                        summary = evaluate_folders(pred, data / "labelsTs", ev, force=True)
+                        row = {
+                            "dataset": ds_name,
+                            "budget": budget,
+                            "method": method,
+                            "setting": label,
+                            "seed": seed,
+                            "train_steps": steps,
+                            "train_seconds": result.seconds,
+                            "seconds_per_step_probe": per_step,
+                            **measure_setting(predictor, slices, options, cfg.latency_slices),
+                            "foreground": summary["foreground_mean"],
+                            "per_class": summary["mean"],
+                            "run": str(run.relative_to(out)),
+                        }
+                        rows.append(row)
+    record = {
+        "medflow": __version__,
+        "torch": torch.__version__,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "config": {
+            **dataclasses.asdict(cfg),
+            "seconds": seconds if "time" in cfg.budgets else None,
+        },
+        "rows": rows,
+    }
+    table = markdown_table(rows)
+    _plot_dice_vs_cost(rows, out / "dice_vs_cost.png")
+    _plot_curves(rows, out, out / "curves.png")
+    _write(out / "results.md", table.encode())
+    _write(out / "results.json", (json.dumps(record, indent=2) + "\n").encode())
+    return record
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per dataset, budget, method and setting: means over seeds (Dice with its
+    standard deviation and per-seed values)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["budget"], r["method"], r["setting"]), []).append(r)
+    out = []
+    for (ds, budget, method, setting), rs in groups.items():
+        dice = [r["foreground"]["dice"] for r in rs]
+
+        def mean(key, rs=rs):
+            return statistics.mean(r[key] for r in rs)
+
+        out.append(
+            {
+                "dataset": ds,
+                "budget": budget,
+                "method": method,
+                "setting": setting,
+                "seeds": len(rs),
+                "train_steps": rs[0]["train_steps"],
+                "parameters": rs[0]["parameters"],
+                "gflops_per_image": rs[0]["gflops_per_image"],
+                "evaluations_per_image": rs[0]["evaluations_per_image"],
+                "latency_ms_per_image": mean("latency_ms_per_image"),
+                "throughput_images_per_s": mean("throughput_images_per_s"),
+                "peak_memory_mib": max(r["peak_memory_mib"] for r in rs),
+                "dice": statistics.mean(dice),
+                "dice_sd": statistics.stdev(dice) if len(dice) > 1 else 0.0,
+                "dice_per_seed": dice,
+                "iou": statistics.mean(r["foreground"]["iou"] for r in rs),
+                "hd95": statistics.mean(r["foreground"]["hd95"] for r in rs),
+                "assd": statistics.mean(r["foreground"]["assd"] for r in rs),
+                "per_class_dice": {
+                    c: statistics.mean(r["per_class"][c]["dice"] for r in rs)
+                    for c in rs[0]["per_class"]
+                },
+            }
+        )
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| dataset | budget | method | setting | steps | params | GFLOPs/img | evals/img | "
+        "latency ms/img | img/s | peak MiB | fg Dice | per class Dice | IoU | HD95 | ASSD |",
+        "|" + "---|" * 16,
+    ]
+    for a in aggregate(rows):
+        per_class = ", ".join(f"{c} {d:.3f}" for c, d in a["per_class_dice"].items())
+        sd = f" ± {a['dice_sd']:.3f}" if a["seeds"] > 1 else ""
+        lines.append(
+            f"| {a['dataset']} | {a['budget']} | {a['method']} | {a['setting']} | "
+            f"{a['train_steps']} | {a['parameters']:,} | {a['gflops_per_image']:.3f} | "
+            f"{a['evaluations_per_image']} | {a['latency_ms_per_image']:.1f} | "
+            f"{a['throughput_images_per_s']:.1f} | {a['peak_memory_mib']:.0f} | "
+            f"{a['dice']:.4f}{sd} | {per_class} | {a['iou']:.4f} | {a['hd95']:.2f} | "
+            f"{a['assd']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot_dice_vs_cost(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(rows)
+    panels = sorted({(a["dataset"], a["budget"]) for a in agg})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (ds, budget) in zip(axes[0], panels, strict=True):
+        for a in (a for a in agg if (a["dataset"], a["budget"]) == (ds, budget)):
+            ax.errorbar(a["gflops_per_image"], a["dice"], yerr=a["dice_sd"], fmt="o", capsize=3)
+            ax.annotate(f"{a['method']} {a['setting']}", (a["gflops_per_image"], a["dice"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("GFLOPs per image (log)")
+        ax.set_ylabel("foreground Dice")
+        ax.set_title(f"{ds}, equal {budget}")
+    fig.tight_layout()
+    buf = _png(fig)
+    plt.close(fig)
+    _write(path, buf)
+
+
+def _plot_curves(rows: list[dict], out: Path, path: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted({(r["dataset"], r["budget"], r["method"], r["seed"], r["run"]) for r in rows})
+    panels = sorted({(ds, b) for ds, b, *_ in runs})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for ds, budget, method, seed, run in runs:
+            if (ds, budget) != panel:
+                continue
+            log = list(csv.DictReader((out / run / "log.csv").read_text().splitlines()))
+            pts = [(int(r["step"]), float(r["val_dice"])) for r in log if r.get("val_dice")]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=".", label=f"{method} s{seed}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation Dice")
+        ax.set_title(f"{panel[0]}, equal {panel[1]}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = _png(fig)
+    plt.close(fig)
+    _write(path, buf)
+
+
+def _write(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
