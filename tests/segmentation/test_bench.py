@@ -28,7 +28,7 @@ def benched(tmp_path_factory):
         seeds=(0,),
         settings=SETTINGS,
         train=TINY_TRAIN,
-        probe_steps=2,
+        probe_steps=3,
         latency_slices=2,
     )
     record = run_bench(cfg, root / "out", device="cpu", quiet=True)
@@ -67,7 +67,11 @@ def test_files_written_and_json_matches_the_table(benched):
     assert len(table) == 2 + len(aggregate(record["rows"]))
     for name in ("dice_vs_cost.png", "curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert on_disk["config"]["seconds"] > 0  # the time budget was set from the probe
+    timed = [r for r in on_disk["rows"] if r["budget"] == "time"]
+    assert all(r["budget_seconds"] > 0 and r["seconds_per_step_probe"] > 0 for r in timed)
+    # the time budget is what MedFlowSeg needs for the steps budget's steps
+    flow = next(r for r in timed if r["method"] == "medflowseg")
+    assert flow["train_steps"] == 3
 
 
 def test_bench_refuses_to_overwrite_results(benched):

@@ -96,7 +96,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     settings: dict = field(default_factory=lambda: FULL_SETTINGS)
     train: dict = field(default_factory=dict)
-    probe_steps: int = 8
+    probe_steps: int = 20
     latency_slices: int = 8
 
     @classmethod
@@ -224,10 +224,8 @@ def _datasets(cfg: BenchConfig, out: Path, quiet: bool) -> dict[str, Path]:
     return found
 
 
-def _steps_for(method: str, budget: str, cfg: BenchConfig, data: Path, work: Path, seconds):
-    """Steps of ``method`` under ``budget``; for time, from a timed probe on this machine."""
-    if budget == "steps":
-        return cfg.steps, None
+def _seconds_per_step(method: str, cfg: BenchConfig, data: Path, work: Path) -> float:
+    """Training seconds per step of ``method`` on this machine, from a short timed probe."""
     import csv
 
     base = {**_train_fields(cfg), "val_every": 10**6, "checkpoint_every": 10**6}
@@ -235,8 +233,7 @@ def _steps_for(method: str, budget: str, cfg: BenchConfig, data: Path, work: Pat
     result = train(data, work / f"probe_{method}", probe, force=True, quiet=True)
     log = list(csv.DictReader((result.run_dir / "log.csv").read_text().splitlines()))
     # timed from the end of step 2: the first steps fill the allocator and oneDNN caches
-    per_step = (float(log[-1]["seconds"]) - float(log[1]["seconds"])) / (len(log) - 2)
-    return max(1, round(seconds / per_step)), per_step
+    return (float(log[-1]["seconds"]) - float(log[1]["seconds"])) / (len(log) - 2)
 
 
 def _train_fields(cfg: BenchConfig) -> dict:
@@ -255,16 +252,19 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for ds_name, data in _datasets(cfg, out, quiet).items():
+        per_step: dict[str, float] = {}
+        if "time" in cfg.budgets:
+            for method in {*cfg.methods, "medflowseg"}:
+                per_step[method] = _seconds_per_step(method, cfg, data, out / "probes" / ds_name)
+        # by default the time MedFlowSeg needs for `steps` on this machine
         seconds = cfg.seconds
-        if "time" in cfg.budgets and seconds is None:
-            # the time MedFlowSeg needs for `steps` on this machine
-            _, per_step = _steps_for("medflowseg", "time", cfg, data, out / "probes" / ds_name, 1)
-            seconds = per_step * cfg.steps
+        if seconds is None and per_step:
+            seconds = per_step["medflowseg"] * cfg.steps
         for budget in cfg.budgets:
             for method in cfg.methods:
-                steps, per_step = _steps_for(
-                    method, budget, cfg, data, out / "probes" / ds_name, seconds
-                )
+                steps = cfg.steps
+                if budget == "time":
+                    steps = max(1, round(seconds / per_step[method]))
                 for seed in cfg.seeds:
                     run = out / "runs" / f"{ds_name}_{budget}_{method}_seed{seed}"
                     tcfg = TrainConfig(
@@ -297,7 +297,8 @@ def run_bench(
                             "seed": seed,
                             "train_steps": steps,
                             "train_seconds": result.seconds,
-                            "seconds_per_step_probe": per_step,
+                            "seconds_per_step_probe": per_step.get(method),
+                            "budget_seconds": seconds if budget == "time" else None,
                             **measure_setting(predictor, slices, options, cfg.latency_slices),
                             "foreground": summary["foreground_mean"],
                             "per_class": summary["mean"],
@@ -314,10 +315,7 @@ def run_bench(
             "device": str(device),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
-        "config": {
-            **dataclasses.asdict(cfg),
-            "seconds": seconds if "time" in cfg.budgets else None,
-        },
+        "config": dataclasses.asdict(cfg),
         "rows": rows,
     }
     table = markdown_table(rows)
