@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from medflow.segmentation.distributed import torchrun_command
+from medflow.segmentation.runtime import machine_info
 
 BATCH = 16
 
@@ -124,8 +124,6 @@ def main() -> int:
         for _ in range(args.repeats):
             for p, t in pairs:
                 runs[f"{p}x{t}"].append(measure(p, t, data, work, args))
-    import torch
-
     summary = {
         key: {
             "processes": p,
@@ -140,12 +138,7 @@ def main() -> int:
         entry["median_slices_per_s"] = entry["median_steps_per_s"] * BATCH
         entry["speedup_over_one_process"] = entry["median_steps_per_s"] / base
     record = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": cores,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "data": str(data),
         "size": args.size,
         "global_batch": BATCH,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -79,15 +78,10 @@ def main() -> int:
             check=True,
         )
         results[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
-    import torch
+    from medflow.segmentation.runtime import machine_info
 
     record = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": cores,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "size": 96,
         "results": results,
     }

@@ -53,6 +53,12 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def steps_to_predict(job: dict) -> list[int]:
+    """Euler steps to predict with: those asked for a flow model, one call otherwise."""
+    flow = job["overrides"].get("model", "medflowseg") == "medflowseg"
+    return job["predict_steps"] if flow else [1]
+
+
 def finished(job: dict) -> dict | None:
     """The run's earlier record when it matches the job exactly, else None."""
     path = Path(job["run"]) / "result.json"
@@ -65,8 +71,7 @@ def finished(job: dict) -> dict | None:
         and record.get("seed") == job["seed"]
         and record.get("overrides") == overrides
     )
-    wanted = job["predict_steps"] if job["overrides"].get("model", "medflowseg") != "unet" else [1]
-    if same and all(str(n) in record.get("predict", {}) for n in wanted):
+    if same and all(str(n) in record.get("predict", {}) for n in steps_to_predict(job)):
         return record
     return None
 
@@ -96,8 +101,7 @@ def run_one(job: dict) -> dict:
         "best_step": result.best_step,
         "predict": {},
     }
-    steps = job["predict_steps"] if cfg.model == "medflowseg" else [1]
-    for n in steps:
+    for n in steps_to_predict(job):
         pred = run / f"pred_steps{n}"
         t1 = time.perf_counter()
         predict_folder(

@@ -41,17 +41,6 @@ from pathlib import Path
 
 import numpy as np
 
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
-
 
 def slice_scores(
     labels: np.ndarray, ref: np.ndarray, entropy: np.ndarray, axis: int, classes: list[int]
@@ -155,24 +144,11 @@ def measure(args: argparse.Namespace, ckpt: Path, samples: int) -> dict:
 
 
 def screenshot(html: Path, png: Path) -> None:
-    import tempfile
+    from medflow.report.browser import headless_chromium
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    with tempfile.TemporaryDirectory() as profile:
-        for flag in (*FLAGS, "--window-size=1200,1500", f"--user-data-dir={profile}"):
-            options.add_argument(flag)
-        driver = webdriver.Chrome(
-            service=Service(executable_path="/usr/bin/chromedriver"), options=options
-        )
-        try:
-            driver.get(html.resolve().as_uri())
-            driver.save_screenshot(str(png))
-        finally:
-            driver.quit()
+    with headless_chromium(1200, 1500) as driver:
+        driver.get(html.resolve().as_uri())
+        driver.save_screenshot(str(png))
 
 
 def main() -> int:

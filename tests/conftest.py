@@ -23,6 +23,13 @@ TINY_TRAIN = dict(
 )
 
 
+def train_flags(**fields) -> list[str]:
+    """`medflow train` flags of a tiny run (16 x 16, channels 8,16, batch 4, one thread,
+    quiet), with ``fields`` (TrainConfig names) added or replacing those."""
+    base = {"size": 16, "channels": "8,16", "batch_size": 4, "threads": 1, **fields}
+    return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))] + ["--quiet"]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

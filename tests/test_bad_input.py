@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import TINY_TRAIN, make_nnunet_dataset
+from conftest import TINY_TRAIN, make_nnunet_dataset, train_flags
 from PIL import Image
 
 from medflow.cli import main
@@ -29,19 +29,7 @@ from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.train import train
 
-TRAIN = [
-    "--size",
-    "16",
-    "--channels",
-    "8,16",
-    "--batch-size",
-    "4",
-    "--threads",
-    "1",
-    "--steps",
-    "1",
-    "--quiet",
-]
+TRAIN = train_flags(steps=1)
 DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 

@@ -6,25 +6,11 @@ import json
 
 import nibabel as nib
 import numpy as np
-from conftest import make_nnunet_dataset
+from conftest import make_nnunet_dataset, train_flags
 
 from medflow.cli import main
 
-TRAIN = [
-    "--size",
-    "16",
-    "--channels",
-    "8,16",
-    "--batch-size",
-    "4",
-    "--steps",
-    "3",
-    "--val-every",
-    "3",
-    "--threads",
-    "1",
-    "--quiet",
-]
+TRAIN = train_flags(steps=3, val_every=3)
 
 
 def test_train_predict_evaluate(tmp_path, capsys):

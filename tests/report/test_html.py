@@ -8,14 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_nnunet_dataset
+from conftest import make_nnunet_dataset, train_flags
 from PIL import Image
 
 from medflow.cli import main
+from medflow.report.browser import available, headless_chromium
 
-TRAIN = ["--size", "16", "--channels", "8,16", "--batch-size", "4", "--steps", "3"]
-TRAIN += ["--val-every", "3", "--threads", "1", "--quiet"]
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+TRAIN = train_flags(steps=3, val_every=3)
 
 
 @pytest.fixture(scope="module")
@@ -76,34 +75,15 @@ def test_report_refuses_to_overwrite_and_needs_an_output(reported, capsys):
 
 
 @pytest.mark.skipif(
-    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+    not available(),
     reason="Debian's chromium and chromium-driver are not installed "
     "(apt-get install chromium chromium-driver; .ci/run does this)",
 )
 def test_report_renders_in_headless_chromium(reported, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     root, _ = reported
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1200,1600",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    # the driver's path is given, so selenium-manager never tries to download one
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium(1200, 1600) as driver:
         driver.get((root / "r.html").as_uri())
         rows = driver.find_elements(By.CSS_SELECTOR, "#cases tbody tr")
         assert len(rows) == 3
@@ -127,9 +107,6 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
         assert again == sorted(dice, reverse=True)
         shot = tmp_path / "report.png"
         assert driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
-        shutil.rmtree(tmp_path / "profile", ignore_errors=True)
     with Image.open(shot) as im:
         assert im.size[0] >= 1000 and len(im.getcolors(1 << 16) or range(1 << 16)) > 50
 

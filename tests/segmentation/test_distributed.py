@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, make_nnunet_dataset
+from conftest import TINY_TRAIN, make_nnunet_dataset, train_flags
 
 from medflow.errors import MedflowError
 from medflow.flows.losses import LossTerms, MedFlowSegLoss
@@ -30,17 +30,8 @@ from medflow.segmentation.train import train
 NPROC = 2
 STEPS = 4
 WORKER = Path(__file__).with_name("torchrun_worker.py")
-FLAGS = {
-    "size": "16",
-    "channels": "8,16",
-    "batch-size": "4",  # the global batch: 2 slices per rank
-    "threads": "1",
-    "val-every": "2",
-    "checkpoint-every": "2",
-    "warmup-steps": "2",
-    "steps": str(STEPS),
-}
-TRAIN = [arg for k, v in FLAGS.items() for arg in (f"--{k}", v)] + ["--quiet"]
+# batch 4 is the global batch: 2 slices per rank
+TRAIN = train_flags(val_every=2, checkpoint_every=2, warmup_steps=2, steps=STEPS)
 CONFIG = TrainConfig(**{**TINY_TRAIN, "steps": STEPS})
 MSE = TrainConfig(**{**CONFIG.to_dict(), "seg_weight": 0.0})
 

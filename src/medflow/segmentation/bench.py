@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
+import os
 import statistics
 import threading
 import time
@@ -39,8 +39,8 @@ from medflow.errors import MedflowError, OutputExistsError
 from medflow.metrics.summary import evaluate_folders
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.cost import inference_cost
-from medflow.segmentation.inference import predict_probs
 from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
+from medflow.segmentation.runtime import machine_info
 from medflow.segmentation.train import train
 
 BUDGETS = ("steps", "time")
@@ -143,8 +143,6 @@ class _PeakRSS:
 def _rss_bytes() -> int:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         import resource
@@ -164,32 +162,33 @@ def measure_setting(
 ) -> dict:
     """Latency, throughput, peak memory and counted cost of one sampling setting."""
     options = predictor.sampling(options)
-    kw = dict(
+    device = predictor.device
+
+    def run(batch: torch.Tensor) -> None:
+        predictor.probs(batch.to(device), options)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run(slices[:1])  # warm-up: allocator, oneDNN primitive cache
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(min(latency_slices, slices.shape[0])):
+        t0 = time.perf_counter()
+        run(slices[i : i + 1])
+        times.append(time.perf_counter() - t0)
+    with _PeakRSS() as rss:
+        t0 = time.perf_counter()
+        run(slices)
+        batch_seconds = time.perf_counter() - t0
+    cost = inference_cost(
+        predictor.net,
+        slices.shape[-1],
         steps=options.steps,
         sampler=options.sampler,
         samples=options.samples,
         parameterization=predictor.parameterization,
     )
-    net, device = predictor.net, predictor.device
-    one = slices[:1].to(device)
-    predict_probs(net, one, **kw)  # warm-up: allocator, oneDNN primitive cache
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(min(latency_slices, slices.shape[0])):
-        t0 = time.perf_counter()
-        predict_probs(net, slices[i : i + 1].to(device), **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    with _PeakRSS() as rss:
-        t0 = time.perf_counter()
-        predict_probs(net, slices, batch_size=options.batch_size, **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        batch_seconds = time.perf_counter() - t0
-    cost = inference_cost(net, slices.shape[-1], **kw)
     return {
         "sampler": options.sampler,
         "steps": options.steps,
@@ -309,11 +308,9 @@ def run_bench(
         "medflow": __version__,
         "torch": torch.__version__,
         "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            **machine_info(),
             "threads": torch.get_num_threads(),
             "device": str(device),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "config": dataclasses.asdict(cfg),
         "rows": rows,

@@ -70,7 +70,8 @@ def predict_probs(
         for g in (gens if net.cfg.flow else [])
     ]
     # ancestral DDPM draws fresh noise at every step: one seed per sample and slice
-    seeds = torch.stack([torch.randint(2**62, (images.shape[0],), generator=g) for g in gens])
+    if diffusion and sampler == "ddpm":
+        seeds = torch.stack([torch.randint(2**62, (images.shape[0],), generator=g) for g in gens])
     field = EpsilonField(net) if diffusion else FlowField(net, parameterization, min_gap)
     out = []
     for start in range(0, images.shape[0], batch_size):

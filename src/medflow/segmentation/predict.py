@@ -152,13 +152,12 @@ class Predictor:
         """``options`` with the sampler and steps this model takes by default filled in."""
         return options.resolved(diffusion=self.parameterization == EPSILON)
 
-    def predict_volume(
-        self, image: Volume, options: SamplingOptions = SamplingOptions()
-    ) -> np.ndarray:
-        """Label map ``(X, Y, Z)`` on the grid of ``image`` (outside the crop: background)."""
-        options = self.sampling(options)
-        slices, box = prepare_image(image, self.prep)
-        probs = predict_probs(
+    def probs(
+        self, slices: torch.Tensor, options: SamplingOptions, per_sample: bool = False
+    ) -> torch.Tensor:
+        """Class probabilities of network-ready ``slices`` under resolved ``options``
+        (:func:`medflow.segmentation.inference.predict_probs` with this model's settings)."""
+        return predict_probs(
             self.net,
             slices,
             steps=options.steps,
@@ -168,7 +167,16 @@ class Predictor:
             batch_size=options.batch_size,
             parameterization=self.parameterization,
             min_gap=self.min_gap,
+            per_sample=per_sample,
         )
+
+    def predict_volume(
+        self, image: Volume, options: SamplingOptions = SamplingOptions()
+    ) -> np.ndarray:
+        """Label map ``(X, Y, Z)`` on the grid of ``image`` (outside the crop: background)."""
+        options = self.sampling(options)
+        slices, box = prepare_image(image, self.prep)
+        probs = self.probs(slices, options)
         in_plane = self._in_plane(box)
         # back to the native grid in chunks: a full CT at 512 x 512 would need gigabytes at once
         labels = np.concatenate(
@@ -192,18 +200,7 @@ class Predictor:
         options = self.sampling(options)
         slices, box = prepare_image(image, self.prep)
         stats = SampleStats()
-        for probs in predict_probs(
-            self.net,
-            slices,
-            steps=options.steps,
-            sampler=options.sampler,
-            samples=options.samples,
-            seed=options.seed,
-            batch_size=options.batch_size,
-            parameterization=self.parameterization,
-            min_gap=self.min_gap,
-            per_sample=True,
-        ):
+        for probs in self.probs(slices, options, per_sample=True):
             stats.add(probs)
         in_plane = self._in_plane(box)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "conf", "var", "ent")}

@@ -76,3 +76,18 @@ def progress(iterable=None, *, quiet: bool = False, **kwargs):
     from tqdm import tqdm
 
     return tqdm(iterable, disable=quiet or not sys.stderr.isatty(), **kwargs)
+
+
+def machine_info() -> dict:
+    """What a benchmark result was measured on: CPU, cores available, Python, torch, GPU."""
+    import platform
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else (os.cpu_count() or 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
