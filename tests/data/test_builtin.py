@@ -4,8 +4,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medflow.data.builtin import build, mni152_slabs
+from medflow.data.builtin import build, mni152_slabs, reference_order
 from medflow.data.layout import load_dataset, verify_dataset
+from medflow.data.shift import SITES
 from medflow.errors import MedflowError, OutputExistsError
 
 
@@ -58,6 +59,74 @@ def test_build_refuses_to_overwrite_without_force(mni):
     out, _ = mni
     with pytest.raises(OutputExistsError):
         build("mni152-tissue", out)
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("builtin") / "mni-shifted"
+    return out, build("mni152-tissue-shifted", out)
+
+
+def _nifti(path):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def test_shifted_mni152_keeps_layout_and_labels_and_changes_images(mni, shifted):
+    (src, src_meta), (out, meta) = mni, shifted
+    assert verify_dataset(out) == []
+    assert meta["medflow"]["split"] == src_meta["medflow"]["split"]
+    assert meta["labels"] == src_meta["labels"] and meta["numTraining"] == 8
+    assert meta["medflow"]["site"] == "site-b"
+    assert meta["medflow"]["simulated_shift"] == SITES["site-b"].to_dict()
+    assert "simulated" in meta["description"]
+    spec, src_spec = load_dataset(out), load_dataset(src)
+    assert len(spec.training) == 8 and len(spec.test) == 3
+    for case, src_case in zip(spec.training + spec.test, src_spec.training + src_spec.test):
+        assert case.case_id == src_case.case_id
+        label, affine = _nifti(case.label)
+        src_label, src_affine = _nifti(src_case.label)
+        assert np.array_equal(label, src_label) and np.array_equal(affine, src_affine)
+        image, _ = _nifti(case.images[0])
+        src_image, _ = _nifti(src_case.images[0])
+        # same head (nonzero set, so the same crop box), other intensities
+        assert np.array_equal(image != 0, src_image != 0)
+        assert np.abs(image - src_image)[src_image != 0].mean() > 0.05
+
+
+def test_shifted_mni152_references_come_from_training_slabs(shifted):
+    out, meta = shifted
+    refs = meta["medflow"]["references"]
+    assert [r["file"] for r in refs] == [f"references/ref_{i:02d}_0000.nii.gz" for i in range(10)]
+    assert sorted(p.name for p in (out / "references").iterdir()) == [
+        f"ref_{i:02d}_0000.nii.gz" for i in range(10)
+    ]
+    train = {c["case"]: c["slices"] for c in meta["medflow"]["split"]["train"]}
+    test = [c["slices"] for c in meta["medflow"]["split"]["test"]]
+    for ref in refs:
+        z0, z1 = train[ref["case"]]  # KeyError: a test slab
+        assert ref["case"] == f"mni152_slab{ref['slab']:02d}" and z0 <= ref["slice"] < z1
+        assert not any(t0 <= ref["slice"] < t1 for t0, t1 in test)
+        image, affine = _nifti(out / ref["file"])
+        slab, slab_affine = _nifti(out / "imagesTr" / f"{ref['case']}_0000.nii.gz")
+        assert image.shape == (197, 233, 1)
+        # the reference is that slice of the shifted training slab, in its place in the template
+        assert np.array_equal(image[:, :, 0], slab[:, :, ref["slice"] - z0])
+        assert np.allclose(affine[:3, 3], slab_affine[:3, 3] + [0, 0, ref["slice"] - z0])
+    # the first five references lie in five different slabs
+    assert len({r["slab"] for r in refs[:5]}) == 5
+
+
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_first_k_references_spread_over_the_range(k):
+    slices = [(z // 12, z) for z in range(96)]
+    picks = reference_order(slices, 10)[:k]
+    assert len(set(picks)) == k and picks[0] == (4, 48)  # the first is the middle
+    edges = sorted([-1] + [z for _, z in picks] + [96])
+    # no gap wider than twice that of K evenly spaced picks
+    assert max(b - a for a, b in zip(edges, edges[1:])) <= 2 * 96 / (k + 1)
+    with pytest.raises(ValueError):
+        reference_order(slices, 97)
 
 
 def test_dsb_nuclei_left_right_split(tmp_path):

@@ -9,6 +9,10 @@
   split (``imagesTs``/``labelsTs``): placed symmetrically, they sample inferior, middle and
   superior anatomy, while the outermost slabs, where a class can have a few hundred voxels
   in a whole slab and Dice hinges on a handful of them, stay in training.
+* ``mni152-tissue-shifted``: the same slabs, labels and split, every slab's image passed
+  through a simulated acquisition shift (:mod:`medflow.data.shift`, site ``"site-b"``, one
+  seed per slab) as a target site for domain alignment; ``references/`` holds unlabelled
+  single-slice images of training slabs, ordered so that the first K spread over the brain.
 * ``dsb-nuclei``: the DSB2018 fluorescence-nuclei image and instance mask that stardist's
   wheel carries (512 x 512), with instances merged into a binary nuclei mask, cut into tiles;
   tiles from the left half train, tiles from the right half test. Written as PNG.
@@ -73,11 +77,30 @@ def mni152_slabs(
     return slabs
 
 
-def build_mni152_tissue(
-    out: Path, thickness: int = 12, gap: int = 2, test_every: int = 3, test_offset: int = 2
-) -> dict:
-    """Write ``mni152-tissue`` to ``out``; returns its ``dataset.json``."""
-    import nibabel as nib
+@dataclass(frozen=True)
+class _Slab:
+    """One slab of the MNI152 template: its place, split, voxels and (origin-shifted) affine."""
+
+    index: int
+    case: str
+    z0: int
+    z1: int
+    split: str  # "train" or "test"
+    image: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+
+
+def _z_affine(affine: np.ndarray, z: int) -> np.ndarray:
+    """``affine`` with its origin moved to slice ``z``, so a cut keeps its place in the template."""
+    return affine @ np.array(
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, z], [0, 0, 0, 1]], dtype=np.float64
+    )
+
+
+def _mni152_cut(thickness: int, gap: int, test_every: int, test_offset: int) -> list[_Slab]:
+    """Load nilearn's MNI152 T1 template with grey/white matter labels and cut it into slabs,
+    every ``test_every``-th from ``test_offset`` in the test split."""
     from nilearn import datasets as nd
 
     t1 = nd.load_mni152_template(resolution=1)
@@ -89,34 +112,61 @@ def build_mni152_tissue(
 
     # slabs cover the axial range that holds any tissue label
     z_any = np.flatnonzero(labels.any(axis=(0, 1)))
-    slabs = mni152_slabs(image.shape[2], thickness, gap, int(z_any[0]), int(z_any[-1]))
+    ranges = mni152_slabs(image.shape[2], thickness, gap, int(z_any[0]), int(z_any[-1]))
+    return [
+        _Slab(
+            index=k,
+            case=f"mni152_slab{k:02d}",
+            z0=z0,
+            z1=z1,
+            split="test" if k % test_every == test_offset else "train",
+            image=image[:, :, z0:z1],
+            labels=labels[:, :, z0:z1],
+            affine=_z_affine(t1.affine, z0),
+        )
+        for k, (z0, z1) in enumerate(ranges)
+    ]
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, affine)
+    img.set_data_dtype(array.dtype)
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+def _write_slabs(out: Path, slabs: list[_Slab], images: list[np.ndarray]) -> dict:
+    """Write each slab's image (``images``, in slab order) and labels into the nnU-Net
+    folders; returns the split record ``{"train": [...], "test": [...]}``."""
     split = {"train": [], "test": []}
     for dirname in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / dirname).mkdir(parents=True, exist_ok=True)
-    for k, (z0, z1) in enumerate(slabs):
-        case = f"mni152_slab{k:02d}"
-        which = "test" if k % test_every == test_offset else "train"
-        suffix = "Ts" if which == "test" else "Tr"
-        # shift the origin so each slab sits where it was in the template
-        affine = t1.affine @ np.array(
-            [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, z0], [0, 0, 0, 1]], dtype=np.float64
+    for slab, image in zip(slabs, images, strict=True):
+        suffix = "Ts" if slab.split == "test" else "Tr"
+        _save_nifti(
+            out / f"images{suffix}" / f"{slab.case}_0000.nii.gz",
+            image.astype(np.float32),
+            slab.affine,
         )
-        img = nib.Nifti1Image(image[:, :, z0:z1], affine)
-        img.set_data_dtype(np.float32)
-        lab = nib.Nifti1Image(labels[:, :, z0:z1], affine)
-        lab.set_data_dtype(np.uint8)
-        atomic_write(
-            out / f"images{suffix}" / f"{case}_0000.nii.gz",
-            lambda tmp, im=img: nib.save(im, str(tmp)),
-        )
-        atomic_write(
-            out / f"labels{suffix}" / f"{case}.nii.gz", lambda tmp, im=lab: nib.save(im, str(tmp))
-        )
-        split[which].append({"case": case, "slices": [z0, z1]})
+        _save_nifti(out / f"labels{suffix}" / f"{slab.case}.nii.gz", slab.labels, slab.affine)
+        split[slab.split].append({"case": slab.case, "slices": [slab.z0, slab.z1]})
+    return split
 
+
+MNI152_LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
+MNI152_SOURCE = "nilearn.datasets.load_mni152_template(resolution=1)"
+
+
+def build_mni152_tissue(
+    out: Path, thickness: int = 12, gap: int = 2, test_every: int = 3, test_offset: int = 2
+) -> dict:
+    """Write ``mni152-tissue`` to ``out``; returns its ``dataset.json``."""
+    slabs = _mni152_cut(thickness, gap, test_every, test_offset)
+    split = _write_slabs(out, slabs, [s.image for s in slabs])
     meta = _dataset_json(
         "T1",
-        {"background": 0, "grey_matter": 1, "white_matter": 2},
+        MNI152_LABELS,
         len(split["train"]),
         ".nii.gz",
         "MNI152 2009a T1 template (nilearn) with grey/white matter labels from its tissue "
@@ -126,7 +176,91 @@ def build_mni152_tissue(
             "slab_thickness": thickness,
             "slab_gap": gap,
             "split": split,
-            "source": "nilearn.datasets.load_mni152_template(resolution=1)",
+            "source": MNI152_SOURCE,
+        },
+    )
+    _write_json(out / "dataset.json", meta)
+    return meta
+
+
+def reference_order(slices: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """``n`` of ``slices`` (``(slab, z)`` pairs sorted by z) in an order whose every prefix
+    spreads over the range: the i-th pick sits at the i-th point of the base-2 van der Corput
+    sequence (1/2, 1/4, 3/4, 1/8, 5/8, 3/8, 7/8, 1/16, ...), as a fraction of the way
+    through ``slices``. The first is the middle one; the first K fill the gaps the first
+    K - 1 left, largest first."""
+    if not 0 <= n <= len(slices):
+        raise ValueError(f"cannot pick {n} of {len(slices)} slices")
+    picks: list[tuple[int, int]] = []
+    i = 1
+    while len(picks) < n:
+        q, f, k = 0.0, 0.5, i
+        while k:
+            q, f, k = q + f * (k & 1), f / 2, k >> 1
+        pick = slices[min(int(q * len(slices)), len(slices) - 1)]
+        if pick not in picks:  # a fine sequence on few slices can land on one twice
+            picks.append(pick)
+        i += 1
+    return picks
+
+
+def build_mni152_tissue_shifted(
+    out: Path,
+    site: str = "site-b",
+    thickness: int = 12,
+    gap: int = 2,
+    test_every: int = 3,
+    test_offset: int = 2,
+    n_references: int = 10,
+) -> dict:
+    """Write ``mni152-tissue-shifted`` to ``out``: ``mni152-tissue``'s slabs, labels and
+    split, each slab's image through the simulated acquisition shift ``SITES[site]`` (seeded
+    by the slab's index, so every slab is a different "scan"), plus ``n_references``
+    unlabelled single-slice images of training slabs in ``references/``; returns its
+    ``dataset.json``."""
+    from medflow.data.shift import SITES, apply_shift
+
+    if site not in SITES:
+        raise MedflowError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+    shift = SITES[site]
+    slabs = _mni152_cut(thickness, gap, test_every, test_offset)
+    shifted = [apply_shift(s.image, shift, np.random.default_rng(s.index)) for s in slabs]
+    split = _write_slabs(out, slabs, shifted)
+
+    # references: target-site slices of training slabs only, never of test slabs
+    train_slices = [
+        (k, z) for k, s in enumerate(slabs) if s.split == "train" for z in range(s.z0, s.z1)
+    ]
+    (out / "references").mkdir(parents=True, exist_ok=True)
+    references = []
+    for i, (k, z) in enumerate(reference_order(train_slices, n_references)):
+        slab = slabs[k]
+        name = f"references/ref_{i:02d}_0000.nii.gz"
+        section = shifted[k][:, :, z - slab.z0 : z - slab.z0 + 1]
+        _save_nifti(out / name, section, _z_affine(slab.affine, z - slab.z0))
+        references.append({"file": name, "case": slab.case, "slab": k, "slice": z})
+
+    meta = _dataset_json(
+        "T1",
+        MNI152_LABELS,
+        len(split["train"]),
+        ".nii.gz",
+        f"mni152-tissue under a simulated acquisition shift ({site}: contrast change, bias "
+        "field, noise, coarser in-plane resolution; see medflow.data.shift): the same "
+        "anatomy, labels and split. imagesTs/labelsTs are the target-site test set "
+        "(evaluation only); labelsTr serve only an oracle upper bound (training on labelled "
+        "target data); references/ holds unlabelled target-site slices of training slabs "
+        "(the first K files are the K-shot references).",
+        {
+            "builtin": "mni152-tissue-shifted",
+            "slab_thickness": thickness,
+            "slab_gap": gap,
+            "split": split,
+            "source": MNI152_SOURCE,
+            "site": site,
+            "simulated_shift": shift.to_dict(),
+            "shift_seed": "slab index: numpy.random.default_rng(slab)",
+            "references": references,
         },
     )
     _write_json(out / "dataset.json", meta)
@@ -204,6 +338,12 @@ BUILTINS = {
         "mni152-tissue",
         "MNI152 T1, background / grey matter / white matter, test by slab",
         build_mni152_tissue,
+    ),
+    "mni152-tissue-shifted": BuiltinDataset(
+        "mni152-tissue-shifted",
+        "mni152-tissue under a simulated acquisition shift (site-b), with 10 unlabelled "
+        "target-site reference slices",
+        build_mni152_tissue_shifted,
     ),
     "dsb-nuclei": BuiltinDataset(
         "dsb-nuclei", "DSB2018 fluorescence nuclei, binary, left/right half split", build_dsb_nuclei
