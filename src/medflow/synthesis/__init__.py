@@ -1,0 +1,1 @@
+"""AlignFlow: mask flow, mask-conditioned image flow, reward alignment, sampling."""
