@@ -1,6 +1,8 @@
-"""`medflow bench` at test size: every method, both budgets, a well-formed result (no timing
-is asserted: timings belong to the benchmark, not to the tests)."""
+"""`medflow bench` at test size: every method, both budgets, the ablations, the first-seed
+rule for slow settings, a well-formed result (no timing is asserted: timings belong to the
+benchmark, not to the tests)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +10,17 @@ from conftest import TINY_TRAIN, make_nnunet_dataset
 
 from medflow.cli import main
 from medflow.errors import MedflowError, OutputExistsError
-from medflow.segmentation.bench import BenchConfig, aggregate, run_bench
+from medflow.segmentation.bench import (
+    ABLATIONS,
+    FULL_SETTINGS,
+    METHODS,
+    QUICK_SETTINGS,
+    BenchConfig,
+    _method_style,
+    aggregate,
+    markdown_table,
+    run_bench,
+)
 
 SETTINGS = {
     "unet": [("1 call", {})],
@@ -23,6 +35,7 @@ def benched(tmp_path_factory):
     data = make_nnunet_dataset(root / "ds", n_test=2)
     cfg = BenchConfig(
         datasets=(str(data),),
+        methods=tuple(SETTINGS),
         budgets=("steps", "time"),
         steps=3,
         seeds=(0,),
@@ -83,8 +96,35 @@ def test_bench_refuses_to_overwrite_results(benched):
 def test_config_names_a_bad_budget_or_a_method_without_settings():
     with pytest.raises(MedflowError, match="budget"):
         BenchConfig(budgets=("energy",))
-    with pytest.raises(MedflowError, match="no sampling settings"):
+    with pytest.raises(MedflowError, match="method must be among.*'gan'"):
         BenchConfig(methods=("unet", "gan"))
+    with pytest.raises(MedflowError, match="no sampling settings"):
+        BenchConfig(methods=("unet", "medflowseg-no-faa"), settings={"unet": [("1 call", {})]})
+    with pytest.raises(MedflowError, match="first_seed_only_above"):
+        BenchConfig(first_seed_only_above=0)
+
+
+def test_full_mode_runs_every_method_and_the_quick_mode_can_select_the_ablations():
+    full = BenchConfig.full()
+    assert set(full.methods) == set(METHODS) and len(full.seeds) == 3
+    # the step and ensemble ablations are MedFlowSeg's own settings; the module ablations
+    # have one-step and four-step settings in full mode, one-step in quick mode
+    assert {label for label, _ in FULL_SETTINGS["medflowseg"]} >= {
+        "euler-1", "euler-2", "euler-4", "euler-8", "euler-1 x5"
+    }  # fmt: skip
+    for a in ABLATIONS:
+        assert METHODS[a]["model"] == "medflowseg"
+        assert [label for label, _ in FULL_SETTINGS[a]] == ["euler-1", "euler-4"]
+        assert [label for label, _ in QUICK_SETTINGS[a]] == ["euler-1"]
+    assert BenchConfig.quick().methods == ("unet", "medflowseg", "diffusion")
+    assert dataclasses.replace(BenchConfig.quick(), methods=ABLATIONS).methods == ABLATIONS
+    # DDPM-1000 is above the first-seed-only threshold, every other setting below it
+    calls = {
+        label: f.get("steps", 1) * f.get("samples", 1)
+        for settings in FULL_SETTINGS.values()
+        for label, f in settings
+    }
+    assert [k for k, v in calls.items() if v > full.first_seed_only_above] == ["ddpm-1000"]
 
 
 def test_cli_quick_mode_writes_the_table(tmp_path, capsys):
@@ -96,3 +136,120 @@ def test_cli_quick_mode_writes_the_table(tmp_path, capsys):
     assert "| ds | steps | unet | 1 call | 2 |" in out
     assert main(argv) == 2  # results.json exists: --force needed
     assert "already exists" in capsys.readouterr().err
+
+
+ABLATION_SETTINGS = {
+    "medflowseg": [("euler-1", {"steps": 1}), ("euler-3", {"steps": 3})],
+    **{a: [("euler-1", {"steps": 1})] for a in ABLATIONS},
+}
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    """MedFlowSeg and its three ablations, two seeds; euler-3 (3 calls) counts as slow."""
+    root = tmp_path_factory.mktemp("ablations")
+    data = make_nnunet_dataset(root / "ds", n_test=1)
+    cfg = BenchConfig(
+        datasets=(str(data),),
+        methods=("medflowseg", *ABLATIONS),
+        steps=2,
+        seeds=(0, 1),
+        settings=ABLATION_SETTINGS,
+        train=TINY_TRAIN,
+        latency_slices=2,
+        first_seed_only_above=2,
+    )
+    return root / "out", cfg, run_bench(cfg, root / "out", device="cpu", quiet=True)
+
+
+def test_ablations_train_the_network_their_name_says(ablated):
+    out, _, record = ablated
+    rows = [r for r in record["rows"] if r["setting"] == "euler-1"]
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        (m, s) for m in ("medflowseg", *ABLATIONS) for s in (0, 1)
+    }
+    params = {}
+    for r in rows:
+        want = {"dbsa": True, "faa": True, **METHODS[r["method"]]}
+        assert {k: r["network"][k] for k in want} == want
+        # what the run itself recorded, not only what the bench meant to ask for
+        ran = json.loads((out / r["run"] / "config.json").read_text())["config"]
+        assert (ran["model"], ran["dbsa"], ran["faa"]) == (want["model"], want["dbsa"], want["faa"])
+        params[r["method"]] = r["parameters"]
+    assert params["medflowseg-no-faa"] < params["medflowseg"]
+    assert params["medflowseg-no-dbsa"] < params["medflowseg"]
+    assert params["medflowseg-no-both"] < min(
+        params["medflowseg-no-faa"], params["medflowseg-no-dbsa"]
+    )
+    # each method is a row of its own in the table, and a colour and marker of its own in the plot
+    table = markdown_table(record["rows"])
+    for m in ABLATIONS:
+        assert f"| {m} | euler-1 | 2 | 2 |" in table
+    styles = {m: tuple(_method_style(m).values()) for m in METHODS}
+    assert len(set(styles.values())) == len(METHODS)
+    assert (out / "dice_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_slow_settings_are_evaluated_on_the_first_seed_only(ablated):
+    out, cfg, record = ablated
+    slow = [r for r in record["rows"] if r["setting"] == "euler-3"]
+    fast = [r for r in record["rows"] if r["method"] == "medflowseg" and r["setting"] == "euler-1"]
+    assert [r["seed"] for r in slow] == [0] and [r["seed"] for r in fast] == [0, 1]
+    (s,) = slow
+    assert s["slow"] and s["evaluations_per_image"] == 3 and s["seeds_evaluated"] == 1
+    assert s["latency_slices"] == 1 and s["throughput_slices"] == cfg.latency_slices
+    assert all(not r["slow"] and r["seeds_evaluated"] == 2 for r in fast)
+    assert fast[0]["throughput_slices"] == 5  # the whole test split: one case of 5 slices
+    # the second seed trained (euler-1 was scored on it) but never predicted euler-3
+    assert (out / "runs" / "ds_steps_medflowseg_seed1" / "pred_euler-1").is_dir()
+    assert not (out / "runs" / "ds_steps_medflowseg_seed1" / "pred_euler-3").exists()
+    (a,) = [a for a in aggregate(record["rows"]) if a["setting"] == "euler-3"]
+    assert (a["seeds"], a["seeds_trained"]) == (1, 2)
+    table = (out / "results.md").read_text()
+    assert "| medflowseg | euler-3 | 2 | 1 of 2* |" in table
+    assert "evaluated on the first seed only" in table
+
+
+def test_results_json_is_well_formed(ablated):
+    out, cfg, record = ablated
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert on_disk["config"]["first_seed_only_above"] == 2
+    assert on_disk["rows"] == json.loads(json.dumps(record["rows"]))
+    assert {"cpu", "cores", "torch", "threads", "device"} <= set(on_disk["machine"])
+    for r in on_disk["rows"]:
+        assert 0.0 <= r["foreground"]["dice"] <= 1.0 and r["gflops_per_image"] > 0
+        assert r["latency_ms_per_image"] > 0 and r["throughput_images_per_s"] > 0
+
+
+def test_cli_selects_an_ablation_in_quick_mode(tmp_path, capsys):
+    data = make_nnunet_dataset(tmp_path / "ds", n_test=1)
+    argv = ["bench", "--out", str(tmp_path / "b"), "--data", str(data), "--methods",
+            "medflowseg-no-faa", "--steps", "2", "--threads", "1", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "| ds | steps | medflowseg-no-faa | euler-1 | 2 | 1 |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert [(r["network"]["faa"], r["network"]["dbsa"]) for r in rows] == [(False, True)]
+    assert main([*argv[:5], "--methods", "medflowseg-no-gan", "--force"]) == 2
+    assert "medflowseg-no-gan" in capsys.readouterr().err
+
+
+def test_probe_times_neither_the_first_steps_nor_the_validating_last(tmp_path, monkeypatch):
+    from medflow.segmentation import bench
+
+    asked = {}
+
+    def fake_train(data, out, cfg, *, device, force, quiet):
+        asked.update(steps=cfg.steps, device=device, model=cfg.model, faa=cfg.faa)
+        out.mkdir(parents=True)
+        # steps 1-2 warm up (slow), 3-5 take 1 s each, step 6 validates (100 s)
+        seconds = [5.0, 6.0, 7.0, 8.0, 9.0, 109.0]
+        lines = ["step,seconds", *(f"{i + 1},{s}" for i, s in enumerate(seconds))]
+        (out / "log.csv").write_text("\n".join(lines) + "\n")
+        return type("Result", (), {"run_dir": out})()
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    cfg = BenchConfig(probe_steps=3, train=TINY_TRAIN)
+    per_step = bench._seconds_per_step("medflowseg-no-faa", cfg, tmp_path, tmp_path, "cpu")
+    assert per_step == pytest.approx(1.0)
+    assert asked == {"steps": 6, "device": "cpu", "model": "medflowseg", "faa": False}

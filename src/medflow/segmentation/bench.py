@@ -13,6 +13,12 @@ CUDA) and the counted cost (:mod:`medflow.segmentation.cost`). Two budgets:
   timed probe of that method on this machine (so each keeps a complete warm-up and cosine
   schedule).
 
+Methods are the UNet, MedFlowSeg, its ablations (without DBSA, without FAA, without both)
+and the diffusion baseline: each a set of TrainConfig fields (:data:`METHODS`). Settings of
+more than ``BenchConfig.first_seed_only_above`` network calls per image (DDPM-1000) are
+predicted, scored and timed on the first seed only, latency on one slice and throughput on
+``latency_slices`` slices: on a 2-core CPU one DDPM-1000 pass over a test split takes minutes.
+
 Writes ``results.json``, ``results.md``, ``dice_vs_cost.png`` and ``curves.png`` into the
 output folder, and every run's own folder under ``runs/``.
 """
@@ -44,6 +50,17 @@ from medflow.segmentation.runtime import machine_info
 from medflow.segmentation.train import train
 
 BUDGETS = ("steps", "time")
+# bench method -> TrainConfig fields; the ablations are MedFlowSeg with a module switched off
+# (the image branch stays: without DBSA its features are added at every level)
+METHODS: dict[str, dict] = {
+    "unet": {"model": "unet"},
+    "medflowseg": {"model": "medflowseg"},
+    "medflowseg-no-dbsa": {"model": "medflowseg", "dbsa": False},
+    "medflowseg-no-faa": {"model": "medflowseg", "faa": False},
+    "medflowseg-no-both": {"model": "medflowseg", "dbsa": False, "faa": False},
+    "diffusion": {"model": "diffusion"},
+}
+ABLATIONS = ("medflowseg-no-dbsa", "medflowseg-no-faa", "medflowseg-no-both")
 # sampling settings per method: (label, SamplingOptions fields)
 FULL_SETTINGS = {
     "unet": [("1 call", {})],
@@ -60,22 +77,30 @@ FULL_SETTINGS = {
         ("ddim-10 x5", {"sampler": "ddim", "steps": 10, "samples": 5}),
         ("ddpm-1000", {"sampler": "ddpm", "steps": 1000}),
     ],
+    **{a: [("euler-1", {"steps": 1}), ("euler-4", {"steps": 4})] for a in ABLATIONS},
 }
 QUICK_SETTINGS = {
     "unet": [("1 call", {})],
     "medflowseg": [("euler-1", {"steps": 1}), ("euler-4", {"steps": 4})],
     "diffusion": [("ddim-10", {"sampler": "ddim", "steps": 10})],
+    **{a: [("euler-1", {"steps": 1})] for a in ABLATIONS},
 }
+# the full mode's shared TrainConfig fields (see BenchConfig for what they cost)
+FULL_TRAIN = {"size": 64, "batch_size": 8, "val_every": 50, "checkpoint_every": 150}
+# probe steps left untimed at the start: the first steps fill the allocator and oneDNN caches
+PROBE_UNTIMED = 2
+# TrainConfig fields recorded in every row: which network the method trained
+NETWORK_FIELDS = ("model", "dbsa", "faa", "image_branch", "channels", "size")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What `medflow bench` runs.
+    """What `medflow bench` runs; the defaults are the full mode (:meth:`full`).
 
     Attributes:
         datasets: embedded dataset names, built into ``<out>/data``, or paths of nnU-Net raw
             folders (with ``imagesTs``/``labelsTs``).
-        methods: TrainConfig models to compare.
+        methods: bench methods to compare (keys of :data:`METHODS`).
         budgets: ``"steps"`` and/or ``"time"``.
         steps: training steps under the steps budget.
         seconds: training seconds under the time budget (None: what MedFlowSeg needs for
@@ -83,31 +108,66 @@ class BenchConfig:
         seeds: training seeds.
         settings: sampling settings per method (label, SamplingOptions fields).
         train: TrainConfig fields shared by every run (size, batch, channels, ...).
-        probe_steps: timed steps of the probe (after 2 untimed) that sets the time budget's
-            steps.
+        probe_steps: timed steps of the probe that sets the time budget's steps (after
+            ``PROBE_UNTIMED`` untimed ones; the probe's last step, which validates, is not
+            timed either).
         latency_slices: slices timed one by one for the latency.
+        first_seed_only_above: settings with more network calls per image than this are
+            predicted, scored and timed on the first seed only (latency on one slice,
+            throughput on ``latency_slices`` slices); None: every setting on every seed.
     """
 
     datasets: tuple[str, ...] = ("mni152-tissue", "dsb-nuclei")
-    methods: tuple[str, ...] = ("unet", "medflowseg", "diffusion")
+    methods: tuple[str, ...] = tuple(METHODS)
     budgets: tuple[str, ...] = ("steps",)
-    steps: int = 300
+    steps: int = 150
     seconds: float | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     settings: dict = field(default_factory=lambda: FULL_SETTINGS)
-    train: dict = field(default_factory=dict)
-    probe_steps: int = 20
+    train: dict = field(default_factory=lambda: dict(FULL_TRAIN))
+    probe_steps: int = 50
     latency_slices: int = 8
+    first_seed_only_above: int | None = 100
+
+    @classmethod
+    def full(cls) -> BenchConfig:
+        """About an hour on the 2-core CPU: 64 x 64, batch 8, 150 steps, 3 seeds, both
+        datasets, six methods, every sampler, the steps budget.
+
+        The estimate, from the quick bench's measured costs at 64 x 64, batch 8, 2 threads
+        (docs/BENCHMARKS.md), to be checked by the first full run:
+
+        * training: seconds per step, validation included, UNet 0.18, MedFlowSeg 0.27,
+          diffusion 0.28 (ablations not measured yet: ~0.25 each assumed), 1.5 s for one
+          step of all six methods, x 150 steps x 3 seeds x 2 datasets = 1,350 s, 22 min;
+        * every setting but DDPM-1000: per test slice 20 network calls for MedFlowSeg's five
+          settings, 5 for each ablation, 110 for diffusion's three DDIM settings, 145 in
+          all, each paid about three times (prediction, throughput pass, latency at batch 1)
+          at 8-18 ms per slice and call: with scoring ~145 s per seed on mni152-tissue (36
+          test slices) and ~75 s on dsb-nuclei (8), x 3 seeds = 11 min;
+        * DDPM-1000, first seed only (``first_seed_only_above=100``): predicting
+          mni152-tissue's 36 slices 5-15 min (a stopped run gave 3-5 min per 12-slice case),
+          dsb-nuclei's 8 tiles at batch 1 2-3 min, and per dataset latency on 1 slice,
+          throughput on 8 and the counted cost on 1 another 2.5-4.5 min: 12-28 min;
+        * building both datasets: 1 min.
+
+        46-62 min in all, DDPM-1000 the least certain part. ``--budget steps time`` adds a
+        second training of every method (+22 min, +3 min of 53-step probes) and a second
+        evaluation (+23-39 min).
+        """
+        return cls()
 
     @classmethod
     def quick(cls) -> BenchConfig:
         """A few minutes on a 2-core CPU: 64 x 64, 60 steps, one seed, cheap samplers."""
         return cls(
+            methods=("unet", "medflowseg", "diffusion"),
             budgets=("steps",),
             steps=60,
             seeds=(0,),
             settings=QUICK_SETTINGS,
             train={"size": 64, "batch_size": 8, "val_every": 30, "checkpoint_every": 60},
+            probe_steps=20,
             latency_slices=4,
         )
 
@@ -115,9 +175,23 @@ class BenchConfig:
         bad = [b for b in self.budgets if b not in BUDGETS]
         if bad or not self.budgets:
             raise MedflowError(f"budget must be among {BUDGETS}, got {list(self.budgets)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise MedflowError(f"method must be among {tuple(METHODS)}, got {list(self.methods)}")
         missing = [m for m in self.methods if m not in self.settings]
         if missing:
             raise MedflowError(f"no sampling settings for method(s) {missing}")
+        if not self.seeds:
+            raise MedflowError("seeds: need at least one seed")
+        if self.probe_steps < 1 or self.latency_slices < 1:
+            raise MedflowError(
+                f"probe_steps and latency_slices must be >= 1, got {self.probe_steps} "
+                f"and {self.latency_slices}"
+            )
+        if self.first_seed_only_above is not None and self.first_seed_only_above < 1:
+            raise MedflowError(
+                f"first_seed_only_above must be >= 1 or None, got {self.first_seed_only_above}"
+            )
 
 
 class _PeakRSS:
@@ -158,9 +232,18 @@ def _test_slices(data: Path, predictor: Predictor) -> torch.Tensor:
 
 
 def measure_setting(
-    predictor: Predictor, slices: torch.Tensor, options: SamplingOptions, latency_slices: int
+    predictor: Predictor,
+    slices: torch.Tensor,
+    options: SamplingOptions,
+    latency_slices: int,
+    slow_above: int | None = None,
 ) -> dict:
-    """Latency, throughput, peak memory and counted cost of one sampling setting."""
+    """Latency, throughput, peak memory and counted cost of one sampling setting.
+
+    A setting of more than ``slow_above`` network calls per image is timed on less: latency
+    on one slice (its own calls average the noise) and throughput on ``latency_slices``
+    slices in one batch rather than the whole test split (``slow`` in the result).
+    """
     options = predictor.sampling(options)
     device = predictor.device
 
@@ -169,18 +252,8 @@ def measure_setting(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run(slices[:1])  # warm-up: allocator, oneDNN primitive cache
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(min(latency_slices, slices.shape[0])):
-        t0 = time.perf_counter()
-        run(slices[i : i + 1])
-        times.append(time.perf_counter() - t0)
-    with _PeakRSS() as rss:
-        t0 = time.perf_counter()
-        run(slices)
-        batch_seconds = time.perf_counter() - t0
+    # counting runs the prediction path on one slice: it is also the warm-up (allocator,
+    # oneDNN's primitive cache), and it says how many calls a slice costs before timing
     cost = inference_cost(
         predictor.net,
         slices.shape[-1],
@@ -189,6 +262,20 @@ def measure_setting(
         samples=options.samples,
         parameterization=predictor.parameterization,
     )
+    slow = slow_above is not None and cost.evaluations > slow_above
+    n_latency = min(1 if slow else latency_slices, slices.shape[0])
+    batch = slices[:latency_slices] if slow else slices
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(n_latency):
+        t0 = time.perf_counter()
+        run(slices[i : i + 1])
+        times.append(time.perf_counter() - t0)
+    with _PeakRSS() as rss:
+        t0 = time.perf_counter()
+        run(batch)
+        batch_seconds = time.perf_counter() - t0
     return {
         "sampler": options.sampler,
         "steps": options.steps,
@@ -196,8 +283,11 @@ def measure_setting(
         "parameters": cost.parameters,
         "evaluations_per_image": cost.evaluations,
         "gflops_per_image": cost.gflops,
+        "slow": slow,
         "latency_ms_per_image": 1000.0 * statistics.median(times),
-        "throughput_images_per_s": slices.shape[0] / batch_seconds,
+        "latency_slices": n_latency,
+        "throughput_images_per_s": batch.shape[0] / batch_seconds,
+        "throughput_slices": batch.shape[0],
         "peak_memory_mib": (
             torch.cuda.max_memory_allocated(device) / 2**20
             if device.type == "cuda"
@@ -223,22 +313,34 @@ def _datasets(cfg: BenchConfig, out: Path, quiet: bool) -> dict[str, Path]:
     return found
 
 
-def _seconds_per_step(method: str, cfg: BenchConfig, data: Path, work: Path) -> float:
+def _seconds_per_step(method: str, cfg: BenchConfig, data: Path, work: Path, device: str) -> float:
     """Training seconds per step of ``method`` on this machine, from a short timed probe."""
     import csv
 
-    base = {**_train_fields(cfg), "val_every": 10**6, "checkpoint_every": 10**6}
-    probe = TrainConfig(**{**base, "model": method, "steps": cfg.probe_steps + 2})
-    result = train(data, work / f"probe_{method}", probe, force=True, quiet=True)
+    probe = _train_config(
+        cfg,
+        method,
+        steps=PROBE_UNTIMED + cfg.probe_steps + 1,
+        val_every=10**6,
+        checkpoint_every=10**6,
+    )
+    result = train(data, work / f"probe_{method}", probe, device=device, force=True, quiet=True)
     log = list(csv.DictReader((result.run_dir / "log.csv").read_text().splitlines()))
-    # timed from the end of step 2: the first steps fill the allocator and oneDNN caches
-    return (float(log[-1]["seconds"]) - float(log[1]["seconds"])) / (len(log) - 2)
+    # from the end of the untimed steps to the end of the step before the last: a run
+    # validates at its last step, and a step's logged time includes its validation
+    start, end = log[PROBE_UNTIMED - 1], log[-2]
+    return (float(end["seconds"]) - float(start["seconds"])) / cfg.probe_steps
 
 
 def _train_fields(cfg: BenchConfig) -> dict:
     """The shared TrainConfig fields; threads default to the bench's own, so training and
     prediction run under the same thread setting."""
     return {"threads": torch.get_num_threads(), **cfg.train}
+
+
+def _train_config(cfg: BenchConfig, method: str, **fields) -> TrainConfig:
+    """The TrainConfig of ``method``: the shared fields, the method's own, then ``fields``."""
+    return TrainConfig(**{**_train_fields(cfg), **METHODS[method], **fields})
 
 
 def run_bench(
@@ -254,7 +356,9 @@ def run_bench(
         per_step: dict[str, float] = {}
         if "time" in cfg.budgets:
             for method in {*cfg.methods, "medflowseg"}:
-                per_step[method] = _seconds_per_step(method, cfg, data, out / "probes" / ds_name)
+                per_step[method] = _seconds_per_step(
+                    method, cfg, data, out / "probes" / ds_name, device
+                )
         # by default the time MedFlowSeg needs for `steps` on this machine
         seconds = cfg.seconds
         if seconds is None and per_step:
@@ -264,46 +368,38 @@ def run_bench(
                 steps = cfg.steps
                 if budget == "time":
                     steps = max(1, round(seconds / per_step[method]))
+                slow: set[str] = set()  # settings found slow on the first seed: skipped after
                 for seed in cfg.seeds:
                     run = out / "runs" / f"{ds_name}_{budget}_{method}_seed{seed}"
-                    tcfg = TrainConfig(
-                        **{**_train_fields(cfg), "model": method, "steps": steps, "seed": seed}
-                    )
+                    tcfg = _train_config(cfg, method, steps=steps, seed=seed)
                     if not quiet:
                         print(f"{ds_name} | {budget} budget | {method} seed {seed}: {steps} steps")
                     result = train(data, run, tcfg, device=device, force=True, quiet=True)
                     predictor = Predictor(result.final_checkpoint, device)
                     slices = _test_slices(data, predictor)
                     for label, fields in cfg.settings[method]:
-                        options = SamplingOptions(**fields)
-                        tag = label.replace(" ", "")
-                        pred, ev = run / f"pred_{tag}", run / f"eval_{tag}"
-                        predict_folder(
-                            result.final_checkpoint,
-                            data / "imagesTs",
-                            pred,
-                            device=device,
-                            force=True,
-                            quiet=True,
-                            options=options,
+                        if label in slow:
+                            continue
+                        scored = _score_setting(cfg, data, run, label, predictor, slices, fields)
+                        if scored["slow"]:
+                            slow.add(label)
+                        rows.append(
+                            {
+                                "dataset": ds_name,
+                                "budget": budget,
+                                "method": method,
+                                "setting": label,
+                                "seed": seed,
+                                "seeds_evaluated": 1 if scored["slow"] else len(cfg.seeds),
+                                "network": {k: getattr(tcfg, k) for k in NETWORK_FIELDS},
+                                "train_steps": steps,
+                                "train_seconds": result.seconds,
+                                "seconds_per_step_probe": per_step.get(method),
+                                "budget_seconds": seconds if budget == "time" else None,
+                                **scored,
+                                "run": str(run.relative_to(out)),
+                            }
                         )
-                        summary = evaluate_folders(pred, data / "labelsTs", ev, force=True)
-                        row = {
-                            "dataset": ds_name,
-                            "budget": budget,
-                            "method": method,
-                            "setting": label,
-                            "seed": seed,
-                            "train_steps": steps,
-                            "train_seconds": result.seconds,
-                            "seconds_per_step_probe": per_step.get(method),
-                            "budget_seconds": seconds if budget == "time" else None,
-                            **measure_setting(predictor, slices, options, cfg.latency_slices),
-                            "foreground": summary["foreground_mean"],
-                            "per_class": summary["mean"],
-                            "run": str(run.relative_to(out)),
-                        }
-                        rows.append(row)
     record = {
         "medflow": __version__,
         "torch": torch.__version__,
@@ -323,12 +419,45 @@ def run_bench(
     return record
 
 
+def _score_setting(
+    cfg: BenchConfig,
+    data: Path,
+    run: Path,
+    label: str,
+    predictor: Predictor,
+    slices: torch.Tensor,
+    fields: dict,
+) -> dict:
+    """Predict the test split with one sampling setting into ``run/pred_<label>``, score it
+    at native resolution into ``run/eval_<label>`` and measure it (:func:`measure_setting`)."""
+    options = SamplingOptions(**fields)
+    tag = label.replace(" ", "")
+    pred, ev = run / f"pred_{tag}", run / f"eval_{tag}"
+    predict_folder(
+        predictor.path,
+        data / "imagesTs",
+        pred,
+        device=str(predictor.device),
+        force=True,
+        quiet=True,
+        options=options,
+    )
+    summary = evaluate_folders(pred, data / "labelsTs", ev, force=True)
+    measured = measure_setting(
+        predictor, slices, options, cfg.latency_slices, cfg.first_seed_only_above
+    )
+    return {**measured, "foreground": summary["foreground_mean"], "per_class": summary["mean"]}
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One entry per dataset, budget, method and setting: means over seeds (Dice with its
-    standard deviation and per-seed values)."""
+    """One entry per dataset, budget, method and setting: means over the seeds it was
+    evaluated on (Dice with its standard deviation and per-seed values), and how many seeds
+    its method trained (``seeds_trained``; more than ``seeds`` for a slow setting)."""
     groups: dict[tuple, list[dict]] = {}
+    trained: dict[tuple, set[int]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["budget"], r["method"], r["setting"]), []).append(r)
+        trained.setdefault((r["dataset"], r["budget"], r["method"]), set()).add(r["seed"])
     out = []
     for (ds, budget, method, setting), rs in groups.items():
         dice = [r["foreground"]["dice"] for r in rs]
@@ -343,6 +472,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "method": method,
                 "setting": setting,
                 "seeds": len(rs),
+                "seeds_trained": len(trained[(ds, budget, method)]),
                 "train_steps": rs[0]["train_steps"],
                 "parameters": rs[0]["parameters"],
                 "gflops_per_image": rs[0]["gflops_per_image"],
@@ -366,23 +496,43 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The aggregated rows as a Markdown table; a note under it when a setting was evaluated
+    on fewer seeds than its method trained."""
     lines = [
-        "| dataset | budget | method | setting | steps | params | GFLOPs/img | evals/img | "
-        "latency ms/img | img/s | peak MiB | fg Dice | per class Dice | IoU | HD95 | ASSD |",
-        "|" + "---|" * 16,
+        "| dataset | budget | method | setting | steps | seeds | params | GFLOPs/img | "
+        "evals/img | latency ms/img | img/s | peak MiB | fg Dice | per class Dice | IoU | "
+        "HD95 | ASSD |",
+        "|" + "---|" * 17,
     ]
+    fewer = False
     for a in aggregate(rows):
         per_class = ", ".join(f"{c} {d:.3f}" for c, d in a["per_class_dice"].items())
         sd = f" ± {a['dice_sd']:.3f}" if a["seeds"] > 1 else ""
+        seeds = str(a["seeds"])
+        if a["seeds"] < a["seeds_trained"]:
+            seeds, fewer = f"{a['seeds']} of {a['seeds_trained']}*", True
         lines.append(
             f"| {a['dataset']} | {a['budget']} | {a['method']} | {a['setting']} | "
-            f"{a['train_steps']} | {a['parameters']:,} | {a['gflops_per_image']:.3f} | "
-            f"{a['evaluations_per_image']} | {a['latency_ms_per_image']:.1f} | "
-            f"{a['throughput_images_per_s']:.1f} | {a['peak_memory_mib']:.0f} | "
-            f"{a['dice']:.4f}{sd} | {per_class} | {a['iou']:.4f} | {a['hd95']:.2f} | "
-            f"{a['assd']:.2f} |"
+            f"{a['train_steps']} | {seeds} | {a['parameters']:,} | "
+            f"{a['gflops_per_image']:.3f} | {a['evaluations_per_image']} | "
+            f"{a['latency_ms_per_image']:.1f} | {a['throughput_images_per_s']:.1f} | "
+            f"{a['peak_memory_mib']:.0f} | {a['dice']:.4f}{sd} | {per_class} | "
+            f"{a['iou']:.4f} | {a['hd95']:.2f} | {a['assd']:.2f} |"
         )
+    if fewer:
+        lines += [
+            "",
+            "\\* evaluated on the first seed only: more network calls per image than the "
+            "bench's `first_seed_only_above` (results.json, `config`); latency timed on one "
+            "slice, throughput on `latency_slices` slices.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _method_style(method: str) -> dict:
+    """One colour and marker per bench method, the same in every panel and plot."""
+    i = list(METHODS).index(method) if method in METHODS else len(METHODS)
+    return {"color": f"C{i}", "marker": "os^vD<>"[i % 7]}
 
 
 def _plot_dice_vs_cost(rows: list[dict], path: Path) -> None:
@@ -393,16 +543,34 @@ def _plot_dice_vs_cost(rows: list[dict], path: Path) -> None:
 
     agg = aggregate(rows)
     panels = sorted({(a["dataset"], a["budget"]) for a in agg})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (ds, budget) in zip(axes[0], panels, strict=True):
+        labelled = set()
         for a in (a for a in agg if (a["dataset"], a["budget"]) == (ds, budget)):
-            ax.errorbar(a["gflops_per_image"], a["dice"], yerr=a["dice_sd"], fmt="o", capsize=3)
-            ax.annotate(f"{a['method']} {a['setting']}", (a["gflops_per_image"], a["dice"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            style = _method_style(a["method"])
+            ax.errorbar(
+                a["gflops_per_image"],
+                a["dice"],
+                yerr=a["dice_sd"],
+                fmt=style["marker"],
+                color=style["color"],
+                capsize=3,
+                label=None if a["method"] in labelled else a["method"],
+            )
+            labelled.add(a["method"])
+            ax.annotate(
+                a["setting"],
+                (a["gflops_per_image"], a["dice"]),
+                fontsize=6,
+                color=style["color"],
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("GFLOPs per image (log)")
         ax.set_ylabel("foreground Dice")
         ax.set_title(f"{ds}, equal {budget}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buf = _png(fig)
     plt.close(fig)
@@ -427,7 +595,8 @@ def _plot_curves(rows: list[dict], out: Path, path: Path) -> None:
             log = list(csv.DictReader((out / run / "log.csv").read_text().splitlines()))
             pts = [(int(r["step"]), float(r["val_dice"])) for r in log if r.get("val_dice")]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", label=f"{method} s{seed}")
+                color = _method_style(method)["color"]
+                ax.plot(*zip(*pts, strict=True), marker=".", color=color, label=f"{method} s{seed}")
         ax.set_xlabel("step")
         ax.set_ylabel("validation Dice")
         ax.set_title(f"{panel[0]}, equal {panel[1]}")

@@ -38,7 +38,7 @@ from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.distributed import Ranks, barrier, process_group
 from medflow.segmentation.inference import predict_probs
-from medflow.segmentation.runtime import progress, resolve_device
+from medflow.segmentation.runtime import configure_net, progress, resolve_device
 from medflow.uncertainty.fusion import FUSIONS, SampleStats
 from medflow.uncertainty.maps import MAPS, entropy_map, map_name, png_scale
 
@@ -112,9 +112,25 @@ class Prediction:
 
 
 class Predictor:
-    """A trained network with what it needs to read raw volumes and write label maps."""
+    """A trained network with what it needs to read raw volumes and write label maps.
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
+    Args:
+        checkpoint: a checkpoint written by ``medflow train``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        channels_last: run the network in channels-last memory format.
+        compile: run the network through ``torch.compile`` (each new batch shape compiles
+            first, tens of seconds on a CPU). Both off by default; see docs/PERFORMANCE.md
+            for what they measure. :attr:`net` stays the uncompiled module.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "auto",
+        *,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         ckpt = load_checkpoint(checkpoint)
         self.path = Path(checkpoint)
         self.device = resolve_device(device)
@@ -147,6 +163,8 @@ class Predictor:
                 f"them (corrupt or edited checkpoint){first}",
             ) from exc
         self.net = net.to(self.device).eval()
+        # what probs() calls: the same parameters, maybe channels-last and/or compiled
+        self._runner = configure_net(self.net, channels_last=channels_last, compile=compile)
 
     def sampling(self, options: SamplingOptions) -> SamplingOptions:
         """``options`` with the sampler and steps this model takes by default filled in."""
@@ -158,7 +176,7 @@ class Predictor:
         """Class probabilities of network-ready ``slices`` under resolved ``options``
         (:func:`medflow.segmentation.inference.predict_probs` with this model's settings)."""
         return predict_probs(
-            self.net,
+            self._runner,
             slices,
             steps=options.steps,
             sampler=options.sampler,
@@ -269,6 +287,8 @@ def predict_folder(
     force: bool = False,
     quiet: bool = False,
     uncertainty: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> list[Path]:
     """Predict every case found at ``inputs`` (a file or a folder) into ``out_dir``.
 
@@ -291,10 +311,12 @@ def predict_folder(
     input first, so a bad file stops all of them before any output) and every rank returns
     the whole list once all outputs are in place (docs/DISTRIBUTED.md).
 
+    ``channels_last`` and ``compile`` set up the network as :class:`Predictor` does.
+
     Returns:
         The paths of the masks (not of the maps), in case order.
     """
-    predictor = Predictor(checkpoint, device)
+    predictor = Predictor(checkpoint, device, channels_last=channels_last, compile=compile)
     ranks = Ranks.from_env()
     cases = find_cases(inputs, None, len(predictor.channel_names))
     out_dir = Path(out_dir)

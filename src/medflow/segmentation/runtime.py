@@ -62,12 +62,48 @@ def configure_threads(threads: int | None) -> int:
     return threads
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (tensor cores, no loss scaling needed); full precision on CPU,
-    where this machine's CPUs have no bf16 units and autocast only adds casts."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# mixed precision per device type: bf16 on CUDA (tensor cores, no loss scaling needed); none
+# on CPU, where this machine's CPUs have no bf16 units and autocast only adds casts. Tests put
+# "cpu" in to run the CUDA-only autocast path on a CPU (tests/segmentation/test_runtime.py).
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"cuda": torch.bfloat16}
+
+
+def autocast(
+    device: torch.device | str, dtype: torch.dtype | None = None
+) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type; ``dtype=None`` takes the device type's
+    entry of :data:`AUTOCAST_DTYPES` (full precision where it has none)."""
+    device_type = torch.device(device).type
+    dtype = AUTOCAST_DTYPES.get(device_type) if dtype is None else dtype
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def configure_net(
+    net: torch.nn.Module, *, channels_last: bool = False, compile: bool = False
+) -> torch.nn.Module:
+    """``net`` set up to run faster, maybe: weights in ``channels_last`` memory format (in
+    place: the convolutions then return channels-last activations whatever the input's
+    layout) and/or wrapped by ``torch.compile`` (the first call of every new input shape
+    compiles, a minute for MedFlowSeg on a 2-core CPU). Both off by default; what they gain
+    is measured by benchmarks/speed.py, which sets up its networks with this function too.
+
+    Inductor (torch 2.13, CPU) fails on FAA's complex FFT arithmetic ("self.stride(-1) must
+    be 1 to view ComplexFloat as Float"; like pytorch#167265), so FAA modules run eagerly
+    inside the compiled network, one graph break each. The compiled module shares ``net``'s
+    parameters and forwards its attributes.
+    """
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if not compile:
+        return net
+    from medflow.models.attention import FrequencyAwareAttention
+
+    for module in net.modules():
+        if isinstance(module, FrequencyAwareAttention):
+            module.forward = torch.compiler.disable(module.forward)
+    return torch.compile(net)
 
 
 def progress(iterable=None, *, quiet: bool = False, **kwargs):
