@@ -6,6 +6,8 @@
     medflow evaluate --pred DIR --ref DIR --out DIR
     medflow export   --model CHECKPOINT --out MODEL.onnx
     medflow report   --pred DIR --eval DIR --out REPORT.html [--run RUN_DIR] [--png DIR]
+    medflow synth    train --data DIR --out RUN | align --model synth.pt --references DIR
+                     --out RUN | sample --model synth.pt --out DATASET --n N
 
 A problem with the user's input ends the command with one line on stderr naming the file or
 value, and exit code 2; nothing is half-written. docs/ERRORS.md lists the problems and their
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds_verbs = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
     ds_verbs.add_parser("list", help="list the embedded datasets")
     b = ds_verbs.add_parser("build", help="build an embedded dataset as an nnU-Net raw folder")
-    b.add_argument("name", help="mni152-tissue or dsb-nuclei")
+    b.add_argument("name", help="mni152-tissue, mni152-tissue-shifted or dsb-nuclei")
     b.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     b.add_argument("--force", action="store_true", help="replace an existing folder")
     v = ds_verbs.add_parser("verify", help="open every file of a dataset and report problems")
@@ -183,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="run the network in channels-last memory format (docs/PERFORMANCE.md)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the network through torch.compile: every new batch shape compiles first, "
+        "tens of seconds on a CPU (docs/PERFORMANCE.md)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing predictions")
     p.add_argument("--quiet", action="store_true")
 
@@ -192,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="folder for per_case.csv, summary.json")
     e.add_argument("--force", action="store_true", help="overwrite an existing summary")
 
+    from medflow.segmentation.bench import METHODS as BENCH_METHODS
+
     bn = verbs.add_parser(
         "bench", help="UNet, MedFlowSeg and diffusion side by side: Dice against cost"
     )
@@ -200,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=("quick", "full"),
         default="quick",
-        help="quick: 64 x 64, 60 steps, one seed, cheap samplers (minutes on a CPU); full: "
-        "the demo's 96 x 96 and 300 steps, 3 seeds, every sampler",
+        help="quick: 64 x 64, 60 steps, one seed, cheap samplers, no ablations (minutes on "
+        "a CPU); full: 64 x 64, 150 steps, 3 seeds, every sampler and the ablations (about "
+        "an hour on 2 CPU cores; settings of over 100 network calls per image, DDPM-1000, on "
+        "the first seed only)",
     )
     bn.add_argument(
         "--data",
@@ -210,7 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded dataset names or nnU-Net raw folders (default: mni152-tissue dsb-nuclei)",
     )
     bn.add_argument(
-        "--methods", nargs="+", default=None, choices=("unet", "medflowseg", "diffusion")
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=tuple(BENCH_METHODS),
+        metavar="METHOD",
+        help=f"methods to compare, of {', '.join(BENCH_METHODS)} (default: quick mode unet "
+        "medflowseg diffusion; full mode all, the ablations without DBSA, FAA or both "
+        "included)",
     )
     bn.add_argument("--budget", nargs="+", default=None, choices=("steps", "time"))
     bn.add_argument("--steps", type=int, default=None, help="training steps (steps budget)")
@@ -233,7 +257,56 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--images", type=Path, help="image folder (default: beside the references)")
     r.add_argument("--run", type=Path, help="run folder: training curves and config")
     r.add_argument("--force", action="store_true", help="overwrite an existing report")
+    _add_synth(verbs)
     return parser
+
+
+def _add_synth(verbs) -> None:
+    from medflow.synthesis.config import AlignConfig, SynthConfig
+
+    sy = verbs.add_parser("synth", help="AlignFlow: generate image-mask pairs for a new site")
+    sy_verbs = sy.add_subparsers(dest="action", required=True, metavar="ACTION")
+    st = sy_verbs.add_parser("train", help="stage 1: mask flow + image flow on labelled data")
+    st.add_argument("--data", required=True, type=Path, help="labelled source dataset folder")
+    st.add_argument("--out", required=True, type=Path, help="run folder (synth.pt)")
+    _add_synth_common(st)
+    _add_config_flags(st.add_argument_group("hyperparameters"), SynthConfig)
+    sa = sy_verbs.add_parser(
+        "align", help="stage 2: fine-tune the image flow towards unlabelled target images"
+    )
+    sa.add_argument("--model", required=True, type=Path, help="stage-1 synth.pt")
+    sa.add_argument(
+        "--references", required=True, type=Path, help="folder of unlabelled target-site images"
+    )
+    sa.add_argument("--out", required=True, type=Path, help="run folder (aligned synth.pt)")
+    _add_synth_common(sa)
+    _add_config_flags(sa.add_argument_group("hyperparameters"), AlignConfig)
+    ss = sy_verbs.add_parser("sample", help="write N synthetic pairs as an nnU-Net raw dataset")
+    ss.add_argument("--model", required=True, type=Path, help="synth.pt (aligned or not)")
+    ss.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    ss.add_argument("--n", required=True, type=int, help="number of image-mask pairs")
+    ss.add_argument("--seed", type=int, default=0, help="seed of masks and noise")
+    ss.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
+    ss.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
+    ss.add_argument(
+        "--per-case",
+        type=int,
+        default=8,
+        help="for a source of volumes, slices stacked into each synthetic case (default 8)",
+    )
+    ss.add_argument(
+        "--include-source",
+        type=Path,
+        default=None,
+        help="also copy this dataset's labelled training cases in (real + synthetic)",
+    )
+    _add_synth_common(ss)
+
+
+def _add_synth_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _datasets(args: argparse.Namespace) -> int:
@@ -241,7 +314,7 @@ def _datasets(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         for name, ds in builtin.BUILTINS.items():
-            print(f"{name:15s} {ds.description}")
+            print(f"{name:22s} {ds.description}")
         return 0
     if args.action == "build":
         try:
@@ -372,6 +445,8 @@ def _predict(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
         uncertainty=args.uncertainty,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
     if _main_rank():
         maps = " with variance and entropy maps" if args.uncertainty else ""
@@ -413,7 +488,7 @@ def _bench(args: argparse.Namespace) -> int:
     from medflow.segmentation.bench import BenchConfig, markdown_table, run_bench
     from medflow.segmentation.runtime import configure_threads
 
-    cfg = BenchConfig.quick() if args.mode == "quick" else BenchConfig()
+    cfg = BenchConfig.quick() if args.mode == "quick" else BenchConfig.full()
     given = {
         "datasets": tuple(args.data) if args.data else None,
         "methods": tuple(args.methods) if args.methods else None,
@@ -444,7 +519,66 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    if args.action == "train":
+        from medflow.synthesis.config import SynthConfig
+        from medflow.synthesis.train import train_synth
+
+        cfg = _config_from_args(SynthConfig, args)
+        path = train_synth(
+            args.data, args.out, cfg, device=args.device, force=args.force, quiet=args.quiet
+        )
+        print(f"wrote {path} (preview: {path.parent / 'preview.png'})")
+        return 0
+    if args.action == "align":
+        import json
+
+        from medflow.synthesis.align import align
+        from medflow.synthesis.config import AlignConfig
+
+        cfg = _config_from_args(AlignConfig, args)
+        path = align(
+            args.model,
+            args.references,
+            args.out,
+            cfg,
+            device=args.device,
+            force=args.force,
+            quiet=args.quiet,
+        )
+        summary = json.loads((path.parent / "align.json").read_text())
+        print(
+            f"wrote {path}: reward (feature MMD^2 to {summary['reference_slices']} reference "
+            f"slice(s)) {summary['reward_before']:.4f} -> {summary['reward_after']:.4f}"
+        )
+        return 0
+    from medflow.synthesis.sample import sample_dataset
+
+    meta = sample_dataset(
+        args.model,
+        args.out,
+        args.n,
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        per_case=args.per_case,
+        include_source=args.include_source,
+        device=args.device,
+        force=args.force,
+        quiet=args.quiet,
+    )
+    extra = meta["medflow"]
+    print(
+        f"wrote {args.out}: {extra['synthetic_pairs']} synthetic pairs in "
+        f"{extra['synthetic_cases']} case(s)"
+        + (f" + {extra['source_cases']} source cases" if extra["source_cases"] else "")
+        + f"; preview {args.out / 'preview.png'}"
+    )
+    return 0
+
+
 VERBS = {
+    "synth": _synth,
     "datasets": _datasets,
     "train": _train,
     "predict": _predict,
@@ -462,20 +596,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help, --version, or a bad option (one line printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    # `medflow synth align: error: ...`: the stage is part of the command's name
+    name = f"{args.verb} {args.action}" if args.verb == "synth" else args.verb
     try:
         return VERBS[args.verb](args)
     except MedflowError as exc:
-        print(f"medflow {args.verb}: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"medflow {name}: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         problem = exc.strerror or str(exc)
-        print(f"medflow {args.verb}: error: {one_line(where + problem)}", file=sys.stderr)
+        print(f"medflow {name}: error: {one_line(where + problem)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"medflow {args.verb}: interrupted", file=sys.stderr)
+        print(f"medflow {name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -23,14 +23,13 @@ Both are written as nnU-Net raw v2 datasets, so every other command reads them l
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from medflow.data.io import atomic_write
+from medflow.data.io import atomic_write, build_folder
 from medflow.errors import MedflowError, OutputExistsError
 
 
@@ -360,16 +359,4 @@ def build(name: str, out: str | Path, force: bool = False) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputExistsError(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        meta = BUILTINS[name].build(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return meta
+    return build_folder(out, BUILTINS[name].build)

@@ -31,10 +31,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from medflow.errors import DataError
+
+T = TypeVar("T")
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 PNG_ENDINGS = (".png",)
@@ -328,6 +331,29 @@ def staged_outputs(out_dir: str | Path) -> Iterator[Path]:
             for folder in created:  # innermost first; only folders left empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def build_folder(out: str | Path, write: Callable[[Path], T]) -> T:
+    """Fill a new folder with ``write(folder)`` and put it at ``out`` only once complete.
+
+    ``write`` fills a hidden sibling ``.<name>.partial``; on success it replaces ``out`` (an
+    earlier folder there is removed first: callers check ``--force`` before), on failure it
+    is deleted, so ``out`` is either the whole new folder or left as it was.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        result = write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return result
 
 
 def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:

@@ -17,12 +17,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from medflow.flows.parameterization import logits_to_endpoint
-from medflow.flows.paths import PathSample
+from medflow.flows.paths import LinearPath, PathSample
 
 WEIGHTINGS = ("velocity", "endpoint")
 
@@ -103,3 +104,18 @@ def epsilon_loss(eps_hat: torch.Tensor, eps: torch.Tensor) -> LossTerms:
     in the ``flow`` slot, the denoising term of the run's log."""
     loss = (eps_hat.float() - eps.float()).pow(2).mean()
     return LossTerms(loss, loss, loss.new_zeros(()))
+
+
+def velocity_matching_loss(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x1: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Plain conditional flow matching for a generative flow: ``|v(x_t, t) - (x1 - x0)|^2``
+    with ``x0 ~ N(0, I)`` and ``t ~ U[0, 1)``, drawn from ``generator`` (on the CPU, so a
+    seed gives the same run on any device). ``velocity(x_t, t)`` closes over any condition.
+    """
+    x0 = torch.randn(x1.shape, generator=generator).to(x1.device)
+    t = torch.rand(x1.shape[0], generator=generator).to(x1.device)
+    sample = LinearPath().sample(x0, x1, t)
+    return (velocity(sample.x_t, sample.t).float() - sample.dx_t).pow(2).mean()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -54,6 +55,34 @@ def heun(velocity: Velocity, x0: torch.Tensor, cond: Any = None, steps: int = 1)
 def one_step(velocity: Velocity, x0: torch.Tensor, cond: Any = None) -> torch.Tensor:
     """One network evaluation: ``x1 = x0 + velocity(x0, 0, cond)``; the default for inference."""
     return euler(velocity, x0, cond, steps=1)
+
+
+def euler_with_grad(
+    velocity: Velocity,
+    x0: torch.Tensor,
+    cond: Any = None,
+    steps: int = 1,
+    checkpoint: bool = True,
+    on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Euler like :func:`euler`, but differentiable: gradients of the result reach the
+    velocity's parameters through every step (reward fine-tuning back-propagates through the
+    sampler). With ``checkpoint`` each step's activations are recomputed in the backward pass
+    instead of stored, so memory grows with the state, not with ``steps`` network graphs.
+    ``on_step(x, t, v)``, if given, sees every state, time and velocity (with their graph).
+    """
+    ts = _times(steps, x0.device)
+    x = x0
+    for i in range(steps):
+        t, dt = ts[i].expand(x.shape[0]), ts[i + 1] - ts[i]
+        if checkpoint and torch.is_grad_enabled():
+            v = torch.utils.checkpoint.checkpoint(velocity, x, t, cond, use_reentrant=False)
+        else:
+            v = velocity(x, t, cond)
+        if on_step is not None:
+            on_step(x, t, v)
+        x = x + dt * v
+    return x
 
 
 SAMPLERS = {"euler": euler, "heun": heun}

@@ -57,3 +57,25 @@ class ResBlock(nn.Module):
             h = h * (1.0 + scale) + shift
         h = self.conv2(self.act(h))
         return self.skip(x) + h
+
+
+def unet_levels(
+    channels: tuple[int, ...], time_dim: int | None
+) -> tuple[nn.ModuleList, nn.ModuleList, ResBlock, nn.ModuleList, nn.ModuleList]:
+    """The encoder-decoder trunk shared by the backbones: per level a residual block and a
+    stride-2 convolution down, a residual block at the bottleneck, then per level (coarse to
+    fine) a convolution after nearest upsampling and a residual block over ``[up, skip]``.
+    Returns ``(enc, down, mid, up, dec)``; the first block reads ``channels[0]`` channels."""
+    enc, down = nn.ModuleList(), nn.ModuleList()
+    c_prev = channels[0]
+    for i, c in enumerate(channels):
+        enc.append(ResBlock(c_prev, c, time_dim))
+        if i < len(channels) - 1:
+            down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        c_prev = c
+    mid = ResBlock(channels[-1], channels[-1], time_dim)
+    up, dec = nn.ModuleList(), nn.ModuleList()
+    for i in reversed(range(len(channels) - 1)):
+        up.append(nn.Conv2d(channels[i + 1], channels[i], 3, padding=1))
+        dec.append(ResBlock(2 * channels[i], channels[i], time_dim))
+    return enc, down, mid, up, dec

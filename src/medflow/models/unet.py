@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medflow.models.attention import DualBranchSpatialAttention, FrequencyAwareAttention
-from medflow.models.embeddings import ResBlock, SinusoidalTimeEmbedding, groups_for
+from medflow.models.embeddings import SinusoidalTimeEmbedding, groups_for, unet_levels
 
 
 @dataclass(frozen=True)
@@ -108,20 +108,7 @@ class SegNet(nn.Module):
             )
             self.faa = FrequencyAwareAttention(ch[-1], cfg.time_dim) if cfg.faa else None
 
-        self.enc = nn.ModuleList()
-        self.down = nn.ModuleList()
-        c_prev = ch[0]
-        for i, c in enumerate(ch):
-            self.enc.append(ResBlock(c_prev, c, tdim))
-            if i < len(ch) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-            c_prev = c
-        self.mid = ResBlock(ch[-1], ch[-1], tdim)
-        self.up = nn.ModuleList()
-        self.dec = nn.ModuleList()
-        for i in reversed(range(len(ch) - 1)):
-            self.up.append(nn.Conv2d(ch[i + 1], ch[i], 3, padding=1))
-            self.dec.append(ResBlock(2 * ch[i], ch[i], tdim))
+        self.enc, self.down, self.mid, self.up, self.dec = unet_levels(ch, tdim)
         self.head = nn.Sequential(
             nn.GroupNorm(groups_for(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.num_classes, 1)
         )

@@ -48,7 +48,7 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path) -> Path:
     ax_val.set_xlabel("step")
     ax_val.set_ylim(0, 1)
     ax_val.set_title("validation Dice (one step, EMA weights)")
-    if val_keys:
+    if ax_val.get_legend_handles_labels()[0]:
         ax_val.legend()
     fig.tight_layout()
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -15,15 +15,18 @@ FORMAT = "medflow-checkpoint-v1"
 REQUIRED = ("format", "config", "net", "preprocessing", "labels", "channel_names", "model", "step")
 
 
-def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` (which must hold the :data:`REQUIRED` keys) to ``path`` atomically."""
-    missing = [k for k in REQUIRED if k not in payload]
+def save_checkpoint(path: str | Path, payload: dict, required: tuple[str, ...] = REQUIRED) -> Path:
+    """Write ``payload`` (which must hold the ``required`` keys) to ``path`` atomically."""
+    missing = [k for k in required if k not in payload]
     assert not missing, f"checkpoint payload lacks {missing}"
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a medflow checkpoint on the CPU.
+def load_checkpoint(
+    path: str | Path, fmt: str = FORMAT, required: tuple[str, ...] = REQUIRED
+) -> dict:
+    """Read a medflow checkpoint on the CPU (by default a segmentation checkpoint; the
+    synthesis checkpoints pass their own ``fmt`` and ``required`` keys).
 
     Raises:
         DataError: the file is missing, not a checkpoint, holds pickled objects other than
@@ -49,14 +52,15 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}",
         ) from exc
     if not isinstance(ckpt, dict) or "format" not in ckpt:
-        raise DataError(path, f"not a medflow checkpoint (expected format {FORMAT!r})")
-    if ckpt["format"] != FORMAT:
+        raise DataError(path, f"not a medflow checkpoint (expected format {fmt!r})")
+    if ckpt["format"] != fmt:
         raise DataError(
             path,
             f"checkpoint format {str(ckpt['format'])[:60]!r} is not one this "
-            f"medflow reads ({FORMAT!r}); was it written by another version?",
+            f"medflow reads here ({fmt!r}); is it the right kind of checkpoint, written by "
+            "this version?",
         )
-    missing = [k for k in REQUIRED if k not in ckpt]
+    missing = [k for k in required if k not in ckpt]
     if missing:
         raise DataError(path, f"checkpoint lacks {', '.join(missing)}")
     return ckpt

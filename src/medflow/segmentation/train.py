@@ -363,7 +363,7 @@ class _Run:
         )
 
     def write_log(self) -> None:
-        _write_log(self.out / "log.csv", self.columns, self.log_rows)
+        write_log(self.out / "log.csv", self.columns, self.log_rows)
 
     def finish(self) -> TrainResult:
         """Final and (without validation) best checkpoints, the log and the curves."""
@@ -461,7 +461,9 @@ def _follow(run: _Run) -> None:
         run.step(step)
 
 
-def _write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
+def write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Write ``rows`` as a CSV with ``columns`` (missing cells empty), atomically."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns, restval="")

@@ -1,0 +1,211 @@
+"""``medflow synth sample``: N synthetic image-mask pairs written as an nnU-Net raw dataset.
+
+Masks come from the mask flow, images from the (aligned or stage-1) image flow for those
+masks, written in the source's format (NIfTI, PNG or TIFF). For a 2D source each pair is one
+case; for a source of volumes, pairs are stacked along the source's slice axis into small
+volumes (:func:`case_groups`), because a dataset holds 2D images or volumes, not both, and
+``medflow train`` cuts them back into the same slices. With ``include_source`` the source's
+labelled training cases are copied in as well, so the folder is "real + synthetic", ready
+for ``medflow train``.
+
+Intensities. Generated images are normalised intensities. Where the source has an exact
+zero background (skull-stripped MRI), the z-score of ``medflow train`` runs over nonzero
+voxels only; a sample is therefore written shifted so that the source's background level is
+0 and values within ``BACKGROUND_TOLERANCE`` of it become exactly 0, so that reading it back
+normalises over the same region as a source scan (see :func:`to_raw`). PNG holds 8-bit
+integers: samples are scaled to 0..255 per image, which every per-image normalisation
+(z-score, rescale) undoes.
+
+The folder appears whole or not at all (written beside it, then renamed), and an existing
+dataset is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medflow.data.io import (
+    NIFTI_ENDINGS,
+    PNG_ENDINGS,
+    Geometry,
+    atomic_write,
+    build_folder,
+    write_volume,
+)
+from medflow.data.layout import load_dataset
+from medflow.errors import MedflowError, OutputExistsError
+from medflow.segmentation.runtime import progress, resolve_device
+from medflow.synthesis.model import SynthModel
+from medflow.synthesis.preview import save_grid
+
+BACKGROUND_TOLERANCE = 0.1  # normalised units: ~0.1 standard deviations of the foreground
+PREFIX = "synth"
+
+
+def to_raw(image: np.ndarray, background_level: float | None, ending: str) -> np.ndarray:
+    """A generated normalised image ``(H, W)`` as intensities to store in ``ending``."""
+    if ending in PNG_ENDINGS:
+        lo, hi = float(image.min()), float(image.max())
+        return np.round((image - lo) / max(hi - lo, 1e-6) * 255.0).astype(np.uint8)
+    if background_level is None:
+        return image.astype(np.float32)
+    raw = image - background_level
+    raw[raw < BACKGROUND_TOLERANCE] = 0.0
+    return raw.astype(np.float32)
+
+
+def _geometry(size: tuple[int, int], depth: int, axis: int, ending: str) -> Geometry:
+    """A grid of ``depth`` slices of ``size`` stacked along ``axis``; the stacking axis gets
+    the coarsest spacing, so :func:`medflow.data.transforms.choose_slice_axis` slices along
+    it whether or not ``depth`` is 1."""
+    shape = [size[0], size[1]]
+    shape.insert(axis, depth)
+    spacing = [1.0, 1.0, 1.0]
+    spacing[axis] = 2.0 if depth > 1 else 1.0
+    return Geometry(
+        shape=tuple(shape), spacing=tuple(spacing), affine=np.diag([*spacing, 1.0]), ending=ending
+    )
+
+
+def case_groups(n: int, volumes: bool, per_case: int) -> list[np.ndarray]:
+    """Indices of the samples written into each case: one per case for 2D sources; for a
+    source of volumes, stacks of ``per_case`` to ``2 * per_case - 1`` slices (a dataset holds
+    2D images or volumes, not both, so pairs that join a source of volumes must be volumes;
+    the slices of a stack are independent samples, not neighbours)."""
+    if not volumes:
+        return [np.array([i]) for i in range(n)]
+    if n < 2:
+        raise MedflowError(f"--n must be >= 2 for a source of volumes (stacks), got {n}")
+    return np.array_split(np.arange(n), max(1, n // max(2, per_case)))
+
+
+def _copy_source(source: Path, out: Path, ending: str, channels: int) -> int:
+    spec = load_dataset(source)
+    if spec.file_ending != ending:
+        raise MedflowError(
+            f"{source}: its files are {spec.file_ending} but the synthesis model was trained on "
+            f"{ending} data; include a source of the same kind"
+        )
+    if len(spec.channel_names) != channels:
+        raise MedflowError(
+            f"{source}: has {len(spec.channel_names)} channel(s), the synthesis model {channels}"
+        )
+    for case in spec.training:
+        if case.case_id.startswith(PREFIX + "_"):
+            raise MedflowError(f"{source}: case {case.case_id} clashes with synthetic case names")
+        for path in case.images:
+            shutil.copy2(path, out / "imagesTr" / path.name)
+        shutil.copy2(case.label, out / "labelsTr" / case.label.name)
+    return len(spec.training)
+
+
+@torch.no_grad()
+def sample_dataset(
+    checkpoint: str | Path,
+    out: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    batch_size: int = 16,
+    per_case: int = 8,
+    include_source: str | Path | None = None,
+    device: str = "auto",
+    force: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Write ``n`` synthetic pairs (and, optionally, the source's training cases) to ``out``
+    as an nnU-Net raw dataset; returns its ``dataset.json``."""
+    if n < 1 or batch_size < 1:
+        raise MedflowError(f"--n and --batch-size must be >= 1, got {n} and {batch_size}")
+    if steps is not None and steps < 1:
+        raise MedflowError(f"--steps must be >= 1, got {steps}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputExistsError(out)
+    model = SynthModel.load(checkpoint, resolve_device(device))
+    steps = steps or model.sample_steps
+
+    return build_folder(
+        out,
+        lambda tmp: _write(
+            tmp, model, n, seed, steps, batch_size, per_case, include_source, checkpoint, quiet
+        ),
+    )
+
+
+def _write(
+    tmp: Path,
+    model: SynthModel,
+    n: int,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    per_case: int,
+    include_source,
+    checkpoint,
+    quiet: bool,
+) -> dict:
+    """Fill the (temporary) dataset folder ``tmp``; returns its ``dataset.json``."""
+    ending = model.file_ending if model.file_ending in NIFTI_ENDINGS + PNG_ENDINGS else ".tif"
+    (tmp / "imagesTr").mkdir()
+    (tmp / "labelsTr").mkdir()
+    n_source = (
+        _copy_source(Path(include_source), tmp, ending, len(model.channel_names))
+        if include_source is not None
+        else 0
+    )
+    gen = torch.Generator().manual_seed(seed)
+    images, masks = [], []
+    bar = progress(total=n, quiet=quiet, desc="synth sample", unit="pair")
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        masks.append(model.mask_flow.sample(b, model.size, gen, steps))
+        images.append(model.image_flow.sample(masks[-1], gen, steps))
+        bar.update(b)
+    bar.close()
+    images, masks = torch.cat(images), torch.cat(masks)
+    axis = model.prep.slice_axis
+    groups = case_groups(n, model.prep.dims == 3, per_case)
+    for g, index in enumerate(groups):
+        case = f"{PREFIX}_{g:05d}"
+        geometry = _geometry(model.size, len(index), axis, ending)
+        for c in range(images.shape[1]):
+            raw = np.stack(
+                [to_raw(images[i, c].numpy(), model.background_level, ending) for i in index],
+                axis=axis,
+            )
+            write_volume(tmp / "imagesTr" / f"{case}_{c:04d}{ending}", raw, geometry)
+        label = np.stack([masks[i].numpy().astype(np.uint8) for i in index], axis=axis)
+        write_volume(tmp / "labelsTr" / f"{case}{ending}", label, geometry)
+    meta = {
+        "channel_names": {str(i): name for i, name in enumerate(model.channel_names)},
+        "labels": dict(model.labels),
+        "numTraining": len(groups) + n_source,
+        "file_ending": ending,
+        "description": f"{n} synthetic image-mask pairs from medflow synth"
+        + (f" and {n_source} real cases of {include_source}" if n_source else ""),
+        "medflow": {
+            "synthetic_pairs": n,
+            "synthetic_cases": len(groups),
+            "source_cases": n_source,
+            "source": str(include_source) if include_source is not None else None,
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "aligned": model.alignment is not None,
+            "alignment": model.alignment,
+            "seed": seed,
+            "steps": steps,
+        },
+    }
+    atomic_write(tmp / "dataset.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    save_grid(
+        tmp / "preview.png",
+        [("synthetic", images[:16])],
+        masks=masks[:16],
+    )
+    return meta
