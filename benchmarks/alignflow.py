@@ -51,6 +51,11 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
     ap.add_argument("--results", type=Path, help="copy results.json here")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read back alignments, datasets and segmenter runs already complete in --out",
+    )
     args = ap.parse_args()
 
     source, target = args.source, args.target
@@ -74,7 +79,15 @@ def main() -> None:
         align=sections["align"],
     )
     t0 = time.perf_counter()
-    run_alignflow(source, target, args.out, cfg, synth_model=args.synth_model, force=args.force)
+    run_alignflow(
+        source,
+        target,
+        args.out,
+        cfg,
+        synth_model=args.synth_model,
+        force=args.force,
+        reuse=args.reuse,
+    )
     print((args.out / "results.md").read_text())
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.results:

@@ -286,7 +286,12 @@ def _add_synth(verbs) -> None:
     ss.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     ss.add_argument("--n", required=True, type=int, help="number of image-mask pairs")
     ss.add_argument("--seed", type=int, default=0, help="seed of masks and noise")
-    ss.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
+    ss.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Euler steps of the image flow (default: the model's); masks use stage 1's",
+    )
     ss.add_argument("--batch-size", type=int, default=16, help="pairs per network call")
     ss.add_argument(
         "--per-case",

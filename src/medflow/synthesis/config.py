@@ -54,10 +54,10 @@ class SynthConfig:
 
     size: int = 64
     slice_axis: int | None = None
-    mask_channels: tuple[int, ...] = (32, 64, 128)
-    image_channels: tuple[int, ...] = (32, 64, 128)
-    steps: int = 2000
-    batch_size: int = 16
+    mask_channels: tuple[int, ...] = (16, 32, 64, 128)
+    image_channels: tuple[int, ...] = (16, 32, 64, 128)
+    steps: int = 1200
+    batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 50
     ema_decay: float = 0.995
@@ -116,10 +116,10 @@ class AlignConfig:
     """
 
     k: int | None = None
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 8
     sampler_steps: int = 4
-    lr: float = 2e-4
+    lr: float = 1e-3
     reg_weight: float = 1.0
     encoder_seed: int = 0
     checkpointing: bool = True

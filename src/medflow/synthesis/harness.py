@@ -38,6 +38,7 @@ from medflow.data.layout import load_dataset
 from medflow.errors import DataError, OutputExistsError
 from medflow.metrics.distribution import frechet_distance, mmd2
 from medflow.metrics.summary import evaluate_folders
+from medflow.report.curves import read_log
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
 from medflow.segmentation.runtime import machine_info
@@ -69,9 +70,17 @@ class HarnessConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     n_synthetic: int = 96
     oracle: bool = True
-    segmenter: dict = field(default_factory=lambda: {"size": 64, "steps": 300, "val_fraction": 0})
+    segmenter: dict = field(default_factory=lambda: {"size": 64, "steps": 200, "val_fraction": 0})
     synth: dict = field(default_factory=dict)
     align: dict = field(default_factory=dict)
+
+
+def _sample(model: Path, out: Path, cfg: HarnessConfig, source: Path, device: str, reuse: bool):
+    if reuse and (out / "dataset.json").exists():
+        return
+    sample_dataset(
+        model, out, cfg.n_synthetic, include_source=source, device=device, force=True, quiet=True
+    )
 
 
 def _check_target(target: Path) -> None:
@@ -143,8 +152,13 @@ def run_alignflow(
     device: str = "auto",
     force: bool = False,
     quiet: bool = False,
+    reuse: bool = False,
 ) -> dict:
-    """Run the protocol of the module docstring into ``out``; returns ``results.json``."""
+    """Run the protocol of the module docstring into ``out``; returns ``results.json``.
+
+    With ``reuse``, an alignment, a synthetic dataset or a segmenter run already complete in
+    ``out`` (from an earlier, interrupted or partly invalidated call) is read back instead
+    of computed again; delete what must be redone."""
     source, target, out = Path(source), Path(target), Path(out)
     if (out / "results.json").exists() and not force:
         raise OutputExistsError(out / "results.json")
@@ -166,40 +180,26 @@ def run_alignflow(
         )
     datasets = {"source": source}
     say("sampling unaligned pairs")
-    sample_dataset(
-        synth_model,
-        out / "datasets" / "unaligned",
-        cfg.n_synthetic,
-        include_source=source,
-        device=device,
-        force=True,
-        quiet=True,
-    )
     datasets["source+unaligned"] = out / "datasets" / "unaligned"
+    _sample(synth_model, datasets["source+unaligned"], cfg, source, device, reuse)
     alignment = {}
     for k in cfg.ks:
-        say(f"stage 2: aligning to K={k} reference(s)")
-        aligned = align(
-            synth_model,
-            target / "references",
-            out / "synth" / f"align_k{k}",
-            AlignConfig(**{**cfg.align, "k": k}),
-            device=device,
-            force=True,
-            quiet=True,
-        )
+        aligned = out / "synth" / f"align_k{k}" / "synth.pt"
+        if not (reuse and aligned.exists()):
+            say(f"stage 2: aligning to K={k} reference(s)")
+            aligned = align(
+                synth_model,
+                target / "references",
+                aligned.parent,
+                AlignConfig(**{**cfg.align, "k": k}),
+                device=device,
+                force=True,
+                quiet=True,
+            )
         alignment[k] = json.loads((aligned.parent / "align.json").read_text())
         name = f"source+aligned K={k}"
         datasets[name] = out / "datasets" / f"aligned_k{k}"
-        sample_dataset(
-            aligned,
-            datasets[name],
-            cfg.n_synthetic,
-            include_source=source,
-            device=device,
-            force=True,
-            quiet=True,
-        )
+        _sample(aligned, datasets[name], cfg, source, device, reuse)
     if cfg.oracle:
         datasets["target labelled (oracle)"] = target
 
@@ -209,19 +209,25 @@ def run_alignflow(
         for seed in cfg.seeds:
             tag = name.replace(" ", "_").replace("+", "_").replace("=", "").replace("(", "")
             run = out / "runs" / f"{tag.replace(')', '')}_seed{seed}"
-            say(f"segmenter on {name}, seed {seed}")
-            tcfg = TrainConfig(**{**cfg.segmenter, "seed": seed})
-            result = train(data, run, tcfg, device=device, force=True, quiet=True)
-            checkpoints[name, seed] = result.final_checkpoint
-            predict_folder(
-                result.final_checkpoint,
-                target / "imagesTs",
-                run / "pred",
-                device=device,
-                force=True,
-                quiet=True,
-            )
-            summary = evaluate_folders(run / "pred", target / "labelsTs", run / "eval", force=True)
+            checkpoints[name, seed] = run / "checkpoint_final.pt"
+            if reuse and (run / "eval" / "summary.json").exists():
+                summary = json.loads((run / "eval" / "summary.json").read_text())
+                seconds = read_log(run / "log.csv")[-1]["seconds"]
+            else:
+                say(f"segmenter on {name}, seed {seed}")
+                tcfg = TrainConfig(**{**cfg.segmenter, "seed": seed})
+                seconds = train(data, run, tcfg, device=device, force=True, quiet=True).seconds
+                predict_folder(
+                    checkpoints[name, seed],
+                    target / "imagesTs",
+                    run / "pred",
+                    device=device,
+                    force=True,
+                    quiet=True,
+                )
+                summary = evaluate_folders(
+                    run / "pred", target / "labelsTs", run / "eval", force=True
+                )
             rows.append(
                 {
                     "condition": name,
@@ -229,7 +235,7 @@ def run_alignflow(
                     "dice": summary["foreground_mean"]["dice"],
                     "iou": summary["foreground_mean"]["iou"],
                     "per_class": summary["mean"],
-                    "train_seconds": result.seconds,
+                    "train_seconds": seconds,
                     "run": str(run.relative_to(out)),
                 }
             )

@@ -160,12 +160,15 @@ def _write(
         if include_source is not None
         else 0
     )
+    # alignment changes the image flow (and its steps) only: masks keep stage 1's sampler, so
+    # aligned and unaligned sets of one seed share their masks
+    mask_steps = int(model.config["sample_steps"])
     gen = torch.Generator().manual_seed(seed)
     images, masks = [], []
     bar = progress(total=n, quiet=quiet, desc="synth sample", unit="pair")
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        masks.append(model.mask_flow.sample(b, model.size, gen, steps))
+        masks.append(model.mask_flow.sample(b, model.size, gen, mask_steps))
         images.append(model.image_flow.sample(masks[-1], gen, steps))
         bar.update(b)
     bar.close()
@@ -200,6 +203,7 @@ def _write(
             "alignment": model.alignment,
             "seed": seed,
             "steps": steps,
+            "mask_steps": mask_steps,
         },
     }
     atomic_write(tmp / "dataset.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
