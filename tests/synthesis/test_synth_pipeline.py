@@ -23,7 +23,7 @@ TINY_SYNTH = dict(
     mask_channels=(8, 16),
     image_channels=(8, 16),
     batch_size=8,
-    sample_steps=4,
+    sample_steps=3,
     threads=1,
     warmup_steps=5,
 )
@@ -64,7 +64,7 @@ def test_stage1_checkpoint_round_trip(stage1, source):
     model = SynthModel.load(stage1)
     assert model.labels == {"background": 0, "a": 1, "b": 2}
     assert model.file_ending == ".nii.gz" and model.size == (16, 16)
-    assert model.alignment is None and model.sample_steps == 4
+    assert model.alignment is None and model.sample_steps == 3
     # the tiny source has no zero background: intensities are written as generated
     assert model.background_level is None
     for name in ("config.json", "log.csv", "preview.png", "preview_masks.png"):
@@ -95,6 +95,15 @@ def test_alignment_moves_generated_images_towards_the_references(stage1, source,
 
     with pytest.raises(Exception, match="already aligned"):
         align(aligned, refs, tmp_path / "again", cfg, quiet=True)
+
+    # sampled sets of one seed share their masks, aligned or not: alignment changes images
+    a = sample_dataset(stage1, tmp_path / "unaligned", 3, seed=2, quiet=True)
+    b = sample_dataset(aligned, tmp_path / "aligned", 3, seed=2, quiet=True)
+    assert a["medflow"]["mask_steps"] == b["medflow"]["mask_steps"] == 3
+    assert a["medflow"]["steps"] == 3 and b["medflow"]["steps"] == cfg.sampler_steps == 4
+    la = nib.load(tmp_path / "unaligned" / "labelsTr" / "synth_00000.nii.gz").get_fdata()
+    lb = nib.load(tmp_path / "aligned" / "labelsTr" / "synth_00000.nii.gz").get_fdata()
+    assert np.array_equal(la, lb)
 
 
 def test_sampled_dataset_reads_back_as_generated(stage1, source, tmp_path):
@@ -295,6 +304,8 @@ def test_cli_bad_input(stage1, source, tmp_path, capsys, monkeypatch):
             "--size",
             "10",
             "--mask-channels",
+            "8,16,32",
+            "--image-channels",
             "8,16,32",
         ],
         "size must be a multiple of 4",
