@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import threading
@@ -43,6 +44,7 @@ from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import find_cases
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.metrics.summary import evaluate_folders
+from medflow.report.curves import read_log
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.cost import inference_cost
 from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
@@ -315,8 +317,6 @@ def _datasets(cfg: BenchConfig, out: Path, quiet: bool) -> dict[str, Path]:
 
 def _seconds_per_step(method: str, cfg: BenchConfig, data: Path, work: Path, device: str) -> float:
     """Training seconds per step of ``method`` on this machine, from a short timed probe."""
-    import csv
-
     probe = _train_config(
         cfg,
         method,
@@ -325,11 +325,11 @@ def _seconds_per_step(method: str, cfg: BenchConfig, data: Path, work: Path, dev
         checkpoint_every=10**6,
     )
     result = train(data, work / f"probe_{method}", probe, device=device, force=True, quiet=True)
-    log = list(csv.DictReader((result.run_dir / "log.csv").read_text().splitlines()))
+    log = read_log(result.run_dir / "log.csv")
     # from the end of the untimed steps to the end of the step before the last: a run
     # validates at its last step, and a step's logged time includes its validation
     start, end = log[PROBE_UNTIMED - 1], log[-2]
-    return (float(end["seconds"]) - float(start["seconds"])) / cfg.probe_steps
+    return (end["seconds"] - start["seconds"]) / cfg.probe_steps
 
 
 def _train_fields(cfg: BenchConfig) -> dict:
@@ -571,15 +571,10 @@ def _plot_dice_vs_cost(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("foreground Dice")
         ax.set_title(f"{ds}, equal {budget}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = _png(fig)
-    plt.close(fig)
-    _write(path, buf)
+    _save(fig, path)
 
 
 def _plot_curves(rows: list[dict], out: Path, path: Path) -> None:
-    import csv
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,8 +587,12 @@ def _plot_curves(rows: list[dict], out: Path, path: Path) -> None:
         for ds, budget, method, seed, run in runs:
             if (ds, budget) != panel:
                 continue
-            log = list(csv.DictReader((out / run / "log.csv").read_text().splitlines()))
-            pts = [(int(r["step"]), float(r["val_dice"])) for r in log if r.get("val_dice")]
+            log = read_log(out / run / "log.csv")
+            pts = [
+                (int(r["step"]), r["val_dice"])
+                for r in log
+                if not math.isnan(r.get("val_dice", math.nan))
+            ]
             if pts:
                 color = _method_style(method)["color"]
                 ax.plot(*zip(*pts, strict=True), marker=".", color=color, label=f"{method} s{seed}")
@@ -601,19 +600,21 @@ def _plot_curves(rows: list[dict], out: Path, path: Path) -> None:
         ax.set_ylabel("validation Dice")
         ax.set_title(f"{panel[0]}, equal {panel[1]}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = _png(fig)
-    plt.close(fig)
-    _write(path, buf)
+    _save(fig, path)
 
 
 def _write(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def _png(fig) -> bytes:
+def _save(fig, path: Path) -> None:
+    """Lay out, write as PNG (atomically) and close a figure."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    plt.close(fig)
+    _write(path, buf.getvalue())

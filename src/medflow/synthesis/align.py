@@ -34,6 +34,7 @@ from medflow.data.datasets import prepare_image
 from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import find_cases
 from medflow.errors import DataError, MedflowError
+from medflow.flows.samplers import euler
 from medflow.segmentation.runtime import configure_threads, progress, resolve_device
 from medflow.segmentation.train import write_log
 from medflow.synthesis.config import AlignConfig
@@ -64,8 +65,6 @@ def read_references(
 
 @torch.no_grad()
 def _generate(model: SynthModel, masks: torch.Tensor, x0: torch.Tensor, steps: int):
-    from medflow.flows.samplers import euler
-
     cond = model.image_flow.encode(masks)
     return euler(model.image_flow.velocity, x0, cond, steps)
 

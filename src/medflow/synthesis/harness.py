@@ -135,8 +135,8 @@ def mask_statistics(masks: torch.Tensor, num_classes: int, pairs: int = 200) -> 
     return out
 
 
-def _faithfulness(checkpoint: Path, slices, k: int) -> float:
-    predictor = Predictor(checkpoint, "cpu")
+def _faithfulness(checkpoint: Path, slices, k: int, device: str) -> float:
+    predictor = Predictor(checkpoint, device)
     probs = predictor.probs(slices.images, predictor.sampling(SamplingOptions()))
     dice = dice_per_class(probs.argmax(1), slices.masks.long(), k)
     return float(sum(dice) / len(dice))
@@ -249,16 +249,19 @@ def run_alignflow(
         for name, path in datasets.items()
         if name.startswith("source+")
     }
-    image_sets = {"source real": load_slices(spec.training, prep, k_classes).images}
+    source_real = load_slices(spec.training, prep, k_classes)
+    image_sets = {"source real": source_real.images}
     image_sets.update({name[len("source+") :]: s.images for name, s in synthetic.items()})
     distances = _distances(image_sets, target_test.images, channels)
     faithfulness = {
         name[len("source+") :]: {
-            "source_segmenter": _faithfulness(checkpoints["source", cfg.seeds[0]], s, k_classes),
+            "source_segmenter": _faithfulness(
+                checkpoints["source", cfg.seeds[0]], s, k_classes, device
+            ),
             **(
                 {
                     "oracle_segmenter": _faithfulness(
-                        checkpoints["target labelled (oracle)", cfg.seeds[0]], s, k_classes
+                        checkpoints["target labelled (oracle)", cfg.seeds[0]], s, k_classes, device
                     )
                 }
                 if cfg.oracle
@@ -267,12 +270,12 @@ def run_alignflow(
         }
         for name, s in synthetic.items()
     }
-    masks = {"source real": load_slices(spec.training, prep, k_classes).masks}
+    masks = {"source real": source_real.masks}
     masks.update({name[len("source+") :]: s.masks for name, s in synthetic.items()})
     diversity = {name: mask_statistics(m, k_classes) for name, m in masks.items()}
     reference = {
         "source_segmenter_on_target_test": _faithfulness(
-            checkpoints["source", cfg.seeds[0]], target_test, k_classes
+            checkpoints["source", cfg.seeds[0]], target_test, k_classes, device
         ),
     }
     record = {

@@ -19,7 +19,7 @@ import torch
 
 from medflow import __version__
 from medflow.data.datasets import SliceSet, load_slices, plan_preprocessing
-from medflow.data.io import atomic_write
+from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import DatasetSpec, load_dataset
 from medflow.data.transforms import Preprocessing
 from medflow.errors import MedflowError
@@ -55,10 +55,7 @@ def background_level(images: torch.Tensor, spec: DatasetSpec) -> float | None:
     normalised slices the zero background is each slice's minimum; the median over slices
     is robust to slices without background.
     """
-    first = spec.training[0]
-    from medflow.data.io import read_image
-
-    raw = read_image(first.images).array
+    raw = read_image(spec.training[0].images).array
     if (raw == 0).mean() < 0.1:
         return None
     return float(images.amin(dim=(1, 2, 3)).median())
