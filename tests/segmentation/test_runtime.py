@@ -1,6 +1,6 @@
 """Code paths that production takes only on a GPU, run on the CPU: the bf16 autocast of
 training and prediction (CUDA's policy in `runtime.AUTOCAST_DTYPES`, put in for "cpu" here),
-and the opt-in channels-last and compiled networks of `Predictor`."""
+and the channels-last (default) and compiled (opt-in) networks of `Predictor`."""
 
 import contextlib
 import csv
@@ -124,7 +124,7 @@ def test_prediction_under_cpu_bf16_autocast_matches_float32(runs, model):
 def test_channels_last_predictor_matches_and_keeps_the_plain_network(runs):
     _, out = runs
     ckpt = out["medflowseg"][0].final_checkpoint
-    plain, fast = Predictor(ckpt, "cpu"), Predictor(ckpt, "cpu", channels_last=True)
+    plain, fast = Predictor(ckpt, "cpu", channels_last=False), Predictor(ckpt, "cpu")
     assert fast.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.net.stem.weight.is_contiguous()
     slices, options = torch.randn(3, 1, 16, 16), plain.sampling(SamplingOptions(steps=2))
@@ -137,7 +137,8 @@ def test_compiled_predictor_runs_faa_eagerly_and_matches(runs, monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     _, out = runs
     ckpt = out["medflowseg"][0].final_checkpoint
-    plain, compiled = Predictor(ckpt, "cpu"), Predictor(ckpt, "cpu", compile=True)
+    plain = Predictor(ckpt, "cpu", channels_last=False)
+    compiled = Predictor(ckpt, "cpu", channels_last=False, compile=True)
     assert type(compiled.net) is SegNet  # what cost counting and hooks see stays plain
     assert compiled._runner is not compiled.net
     faa = [m for m in compiled.net.modules() if isinstance(m, FrequencyAwareAttention)]
@@ -151,3 +152,15 @@ def test_configure_net_is_the_same_module_when_nothing_is_asked():
     assert runtime.configure_net(net) is net
     same = runtime.configure_net(net, channels_last=True)
     assert same is net and net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-channels-last"], False)])
+def test_predict_command_runs_channels_last_unless_told_not_to(flag, expected, monkeypatch):
+    from medflow import cli
+    from medflow.segmentation import predict
+
+    seen = {}
+    monkeypatch.setattr(predict, "predict_folder", lambda *a, **kw: seen.update(kw) or [])
+    argv = ["predict", "--model", "m.pt", "--input", "in", "--out", "out", "--threads", "1"]
+    assert cli.main([*argv, *flag]) == 0
+    assert seen["channels_last"] is expected and seen["compile"] is False

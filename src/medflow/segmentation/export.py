@@ -120,7 +120,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, force: bool = False)
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(out)
-    predictor = Predictor(checkpoint, device="cpu")
+    # the exported graph gets ONNX Runtime's own layouts; trace the plain contiguous network
+    predictor = Predictor(checkpoint, device="cpu", channels_last=False)
     module, names = predictor_module(predictor)
     batch = {0: torch.export.Dim("batch", min=1)}
     try:
