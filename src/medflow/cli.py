@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("quick", "full"),
         default="quick",
         help="quick: 64 x 64, 60 steps, one seed, cheap samplers, no ablations (minutes on "
-        "a CPU); full: 64 x 64, 150 steps, 3 seeds, every sampler and the ablations (about "
-        "an hour on 2 CPU cores; settings of over 100 network calls per image, DDPM-1000, on "
+        "a CPU); full: 64 x 64, 150 steps, 3 seeds, every sampler and the ablations (43 "
+        "min on a quiet 2-core CPU; settings of over 100 network calls per image, DDPM-1000, on "
         "the first seed only)",
     )
     bn.add_argument(

@@ -133,29 +133,15 @@ class BenchConfig:
 
     @classmethod
     def full(cls) -> BenchConfig:
-        """About an hour on the 2-core CPU: 64 x 64, batch 8, 150 steps, 3 seeds, both
+        """About 45 minutes on the 2-core CPU: 64 x 64, batch 8, 150 steps, 3 seeds, both
         datasets, six methods, every sampler, the steps budget.
 
-        The estimate, from the quick bench's measured costs at 64 x 64, batch 8, 2 threads
-        (docs/BENCHMARKS.md), to be checked by the first full run:
-
-        * training: seconds per step, validation included, UNet 0.18, MedFlowSeg 0.27,
-          diffusion 0.28 (ablations not measured yet: ~0.25 each assumed), 1.5 s for one
-          step of all six methods, x 150 steps x 3 seeds x 2 datasets = 1,350 s, 22 min;
-        * every setting but DDPM-1000: per test slice 20 network calls for MedFlowSeg's five
-          settings, 5 for each ablation, 110 for diffusion's three DDIM settings, 145 in
-          all, each paid about three times (prediction, throughput pass, latency at batch 1)
-          at 8-18 ms per slice and call: with scoring ~145 s per seed on mni152-tissue (36
-          test slices) and ~75 s on dsb-nuclei (8), x 3 seeds = 11 min;
-        * DDPM-1000, first seed only (``first_seed_only_above=100``): predicting
-          mni152-tissue's 36 slices 5-15 min (a stopped run gave 3-5 min per 12-slice case),
-          dsb-nuclei's 8 tiles at batch 1 2-3 min, and per dataset latency on 1 slice,
-          throughput on 8 and the counted cost on 1 another 2.5-4.5 min: 12-28 min;
-        * building both datasets: 1 min.
-
-        46-62 min in all, DDPM-1000 the least certain part. ``--budget steps time`` adds a
-        second training of every method (+22 min, +3 min of 53-step probes) and a second
-        evaluation (+23-39 min).
+        Measured (docs/BENCHMARKS.md): 43 min on a quiet 2-core machine, 2 threads, DDPM-1000
+        included — training 29-42 s per run of 150 steps, 36 runs. The estimate written
+        before the first run, from the quick bench's costs, was 46-62 min: training 22 min,
+        every setting but DDPM-1000 11 min, DDPM-1000 on the first seed 12-28 min, datasets
+        1 min. ``--budget steps time`` trains and scores every method a second time (the
+        time budget alone, without DDPM-1000, is measured in docs/BENCHMARKS.md).
         """
         return cls()
 

@@ -86,8 +86,10 @@ def configure_net(
     """``net`` set up to run faster, maybe: weights in ``channels_last`` memory format (in
     place: the convolutions then return channels-last activations whatever the input's
     layout) and/or wrapped by ``torch.compile`` (the first call of every new input shape
-    compiles, a minute for MedFlowSeg on a 2-core CPU). Both off by default; what they gain
-    is measured by benchmarks/speed.py, which sets up its networks with this function too.
+    compiles, a minute for MedFlowSeg on a 2-core CPU). Both off unless asked for here;
+    :class:`~medflow.segmentation.predict.Predictor` asks for channels-last by default.
+    What they gain is measured by benchmarks/speed.py, which sets up its networks with
+    this function too.
 
     Inductor (torch 2.13, CPU) fails on FAA's complex FFT arithmetic ("self.stride(-1) must
     be 1 to view ComplexFloat as Float"; like pytorch#167265), so FAA modules run eagerly
