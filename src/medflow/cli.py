@@ -241,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--budget", nargs="+", default=None, choices=("steps", "time"))
     bn.add_argument("--steps", type=int, default=None, help="training steps (steps budget)")
     bn.add_argument("--seeds", type=int, nargs="+", default=None)
+    bn.add_argument(
+        "--skip-settings",
+        nargs="+",
+        default=(),
+        metavar="LABEL",
+        help="sampling settings to leave out, by their label in the table (e.g. ddpm-1000)",
+    )
     bn.add_argument("--device", default="auto")
     bn.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     bn.add_argument("--force", action="store_true", help="overwrite an earlier results.json")
@@ -506,6 +513,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise MedflowError(f"--steps {args.steps}: must be at least 1")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if args.skip_settings:
+        cfg = cfg.without_settings(args.skip_settings)
     configure_threads(args.threads)
     record = run_bench(cfg, args.out, device=args.device, force=args.force, quiet=args.quiet)
     print(markdown_table(record["rows"]), end="")

@@ -127,6 +127,20 @@ def test_full_mode_runs_every_method_and_the_quick_mode_can_select_the_ablations
     assert [k for k, v in calls.items() if v > full.first_seed_only_above] == ["ddpm-1000"]
 
 
+def test_settings_can_be_left_out_by_label():
+    full = BenchConfig.full().without_settings(["ddpm-1000", "euler-8"])
+    labels = {m: [label for label, _ in full.settings[m]] for m in full.methods}
+    assert labels["diffusion"] == ["ddim-10", "ddim-50", "ddim-10 x5"]
+    assert "euler-8" not in labels["medflowseg"] and "euler-4" in labels["medflowseg"]
+    assert labels["unet"] == ["1 call"]
+    assert any(label == "ddpm-1000" for label, _ in BenchConfig.full().settings["diffusion"])
+    # ddpm-1000 is no setting of the quick mode's methods; the UNet has only one setting
+    with pytest.raises(MedflowError, match="ddpm-1000: not a sampling setting"):
+        BenchConfig.quick().without_settings(["ddpm-1000"])
+    with pytest.raises(MedflowError, match="leaves unet with no setting"):
+        BenchConfig.quick().without_settings(["1 call"])
+
+
 def test_cli_quick_mode_writes_the_table(tmp_path, capsys):
     data = make_nnunet_dataset(tmp_path / "ds", n_test=1)
     argv = ["bench", "--out", str(tmp_path / "b"), "--data", str(data), "--methods", "unet",
@@ -253,3 +267,15 @@ def test_probe_times_neither_the_first_steps_nor_the_validating_last(tmp_path, m
     per_step = bench._seconds_per_step("medflowseg-no-faa", cfg, tmp_path, tmp_path, "cpu")
     assert per_step == pytest.approx(1.0)
     assert asked == {"steps": 6, "device": "cpu", "model": "medflowseg", "faa": False}
+
+
+def test_cli_skips_a_setting_and_names_an_unknown_one(tmp_path, capsys):
+    data = make_nnunet_dataset(tmp_path / "ds", n_test=1)
+    argv = ["bench", "--out", str(tmp_path / "b"), "--data", str(data), "--methods",
+            "medflowseg", "--steps", "2", "--threads", "1", "--quiet"]  # fmt: skip
+    assert main([*argv, "--skip-settings", "euler-4"]) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["euler-1"]
+    assert main([*argv, "--force", "--skip-settings", "euler-9"]) == 2
+    err = capsys.readouterr().err
+    assert "euler-9: not a sampling setting" in err and len(err.strip().splitlines()) == 1

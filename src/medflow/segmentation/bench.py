@@ -159,6 +159,28 @@ class BenchConfig:
             latency_slices=4,
         )
 
+    def without_settings(self, labels) -> BenchConfig:
+        """This configuration without the sampling settings named in ``labels`` (e.g.
+        ``["ddpm-1000"]``), for every method that has them.
+
+        Raises:
+            MedflowError: a label that no method of this configuration has, or a method
+                left with no setting.
+        """
+        labels = set(labels)
+        have = {label for m in self.methods for label, _ in self.settings[m]}
+        unknown = sorted(labels - have)
+        if unknown:
+            raise MedflowError(
+                f"--skip-settings {' '.join(unknown)}: not a sampling setting of "
+                f"{', '.join(self.methods)} (settings: {', '.join(sorted(have))})"
+            )
+        settings = {m: [s for s in v if s[0] not in labels] for m, v in self.settings.items()}
+        emptied = [m for m in self.methods if not settings[m]]
+        if emptied:
+            raise MedflowError(f"--skip-settings leaves {', '.join(emptied)} with no setting")
+        return dataclasses.replace(self, settings=settings)
+
     def __post_init__(self) -> None:
         bad = [b for b in self.budgets if b not in BUDGETS]
         if bad or not self.budgets:
