@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from medflow.models.flow_unet import FlowUNet, FlowUNetConfig
+from medflow.models.unet import NetConfig
 
 
 def _net(**kw):
@@ -48,3 +51,16 @@ def test_time_and_vector_change_the_output():
     base = net(x, torch.tensor([0.2]), None, vec)
     assert not torch.allclose(base, net(x, torch.tensor([0.8]), None, vec))
     assert not torch.allclose(base, net(x, torch.tensor([0.2]), None, torch.zeros(1, 3)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda ch: NetConfig(1, 3, channels=ch), lambda ch: FlowUNetConfig(3, channels=ch)],
+    ids=["NetConfig", "FlowUNetConfig"],
+)
+def test_both_backbone_configs_check_levels_and_round_trip(make):
+    cfg = make([8, "16", 32])  # JSON or CLI values: stored as a tuple of ints
+    assert cfg.channels == (8, 16, 32) and cfg.size_multiple == 4
+    assert type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="at least two resolution levels"):
+        make((8,))

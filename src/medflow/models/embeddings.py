@@ -1,11 +1,38 @@
-"""Time embedding and the time-modulated residual block shared by the backbones."""
+"""Time embedding, the time-modulated residual block, the UNet trunk and the config
+conventions shared by the backbones."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
+
+
+class LevelsConfig:
+    """What the backbones' frozen config dataclasses share: a ``channels`` tuple with one
+    entry per resolution level, and a dict form stored in checkpoints."""
+
+    channels: tuple[int, ...]
+
+    def _check_levels(self) -> None:
+        """Refuse fewer than two levels; store ``channels`` as a tuple of ints."""
+        if len(self.channels) < 2:
+            raise ValueError(f"need at least two resolution levels, got {self.channels}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{**d, "channels": tuple(d["channels"])})
 
 
 def groups_for(channels: int) -> int:

@@ -9,18 +9,22 @@ the class-conditioned mask flow).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medflow.models.embeddings import SinusoidalTimeEmbedding, groups_for, unet_levels
+from medflow.models.embeddings import (
+    LevelsConfig,
+    SinusoidalTimeEmbedding,
+    groups_for,
+    unet_levels,
+)
 
 
 @dataclass(frozen=True)
-class FlowUNetConfig:
+class FlowUNetConfig(LevelsConfig):
     """Architecture of a generative velocity network; stored in synthesis checkpoints.
 
     Attributes:
@@ -40,20 +44,7 @@ class FlowUNetConfig:
     def __post_init__(self) -> None:
         if self.state_channels < 1 or self.cond_channels < 0 or self.vector_dim < 0:
             raise ValueError(f"bad channel counts in {self}")
-        if len(self.channels) < 2:
-            raise ValueError(f"need at least two resolution levels, got {self.channels}")
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-
-    @property
-    def size_multiple(self) -> int:
-        return 2 ** (len(self.channels) - 1)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FlowUNetConfig:
-        return cls(**{**d, "channels": tuple(d["channels"])})
+        self._check_levels()
 
 
 class FlowUNet(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,11 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from medflow.models.attention import DualBranchSpatialAttention, FrequencyAwareAttention
-from medflow.models.embeddings import SinusoidalTimeEmbedding, groups_for, unet_levels
+from medflow.models.embeddings import (
+    LevelsConfig,
+    SinusoidalTimeEmbedding,
+    groups_for,
+    unet_levels,
+)
 
 
 @dataclass(frozen=True)
-class NetConfig:
+class NetConfig(LevelsConfig):
     """Architecture of a segmentation network; stored in every checkpoint.
 
     Attributes:
@@ -49,21 +53,7 @@ class NetConfig:
             raise ValueError("dbsa and faa need the image branch (image_branch=True)")
         if self.in_channels < 1 or self.num_classes < 2:
             raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {self}")
-        if len(self.channels) < 2:
-            raise ValueError(f"need at least two resolution levels, got {self.channels}")
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-
-    @property
-    def size_multiple(self) -> int:
-        """Input height and width must be multiples of this."""
-        return 2 ** (len(self.channels) - 1)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NetConfig:
-        return cls(**{**d, "channels": tuple(d["channels"])})
+        self._check_levels()
 
 
 class SegNet(nn.Module):

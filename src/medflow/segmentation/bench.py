@@ -137,7 +137,7 @@ class BenchConfig:
         datasets, six methods, every sampler, the steps budget.
 
         Measured (docs/BENCHMARKS.md): 43 min on a quiet 2-core machine, 2 threads, DDPM-1000
-        included — training 29-42 s per run of 150 steps, 36 runs. The estimate written
+        included — training 27-44 s per run of 150 steps, 36 runs. The estimate written
         before the first run, from the quick bench's costs, was 46-62 min: training 22 min,
         every setting but DDPM-1000 11 min, DDPM-1000 on the first seed 12-28 min, datasets
         1 min. ``--budget steps time`` trains and scores every method a second time (the

@@ -117,8 +117,8 @@ class Predictor:
     Args:
         checkpoint: a checkpoint written by ``medflow train``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-        channels_last: run the network in channels-last memory format (the default: 10-35 %
-            faster batched inference on the CPU, never slower in docs/PERFORMANCE.md; the
+        channels_last: run the network in channels-last memory format (the default: batched
+            inference 22-33 % faster on the CPU and never slower in docs/PERFORMANCE.md; the
             outputs agree with the contiguous network to float rounding).
         compile: run the network through ``torch.compile`` (each new batch shape compiles
             first, tens of seconds on a CPU); off by default, see docs/PERFORMANCE.md for

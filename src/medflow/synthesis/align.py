@@ -35,10 +35,10 @@ from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import find_cases
 from medflow.errors import DataError, MedflowError
 from medflow.flows.samplers import euler
-from medflow.segmentation.runtime import configure_threads, progress, resolve_device
+from medflow.segmentation.runtime import progress
 from medflow.segmentation.train import write_log
 from medflow.synthesis.config import AlignConfig
-from medflow.synthesis.model import SynthModel, check_run_dir
+from medflow.synthesis.model import SynthModel, start_run
 from medflow.synthesis.preview import save_grid
 from medflow.synthesis.reward import FeatureEncoder, MMDReward
 
@@ -82,11 +82,9 @@ def align(
     """Fine-tune the image flow of ``checkpoint`` towards the images in ``references``;
     writes ``out/synth.pt`` and returns its path."""
     out = Path(out)
-    check_run_dir(out, RUN_FILES, force)
-    dev = resolve_device(device)
-    configure_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dev, gen = start_run(
+        out, RUN_FILES, force=force, device=device, threads=cfg.threads, seed=cfg.seed
+    )
     model = SynthModel.load(checkpoint, dev)
     if model.alignment is not None:
         raise MedflowError(

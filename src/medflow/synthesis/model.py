@@ -18,6 +18,7 @@ from medflow.data.transforms import Preprocessing
 from medflow.errors import DataError, MedflowError, OutputExistsError
 from medflow.models.flow_unet import FlowUNet, FlowUNetConfig
 from medflow.segmentation.checkpoint import load_checkpoint, save_checkpoint
+from medflow.segmentation.runtime import configure_threads, resolve_device
 from medflow.synthesis.image_flow import ImageFlow
 from medflow.synthesis.mask_flow import MaskFlow
 
@@ -36,12 +37,20 @@ REQUIRED = (
 )
 
 
-def check_run_dir(out: Path, files: tuple[str, ...], force: bool) -> None:
-    """Refuse a run folder that is a file, or that holds any of ``files`` without ``force``."""
+def start_run(
+    out: Path, files: tuple[str, ...], *, force: bool, device: str, threads: int | None, seed: int
+) -> tuple[torch.device, torch.Generator]:
+    """What a synthesis run (``synth train``, ``synth align``) does first: refuse a run folder
+    that is a file, or that holds any of ``files`` without ``force``; then set the threads
+    and torch's seed. Returns the resolved device and a CPU generator seeded with ``seed``."""
     if out.exists() and not out.is_dir():
         raise MedflowError(f"{out}: is a file; expected a run folder")
     if any((out / name).exists() for name in files) and not force:
         raise OutputExistsError(out)
+    dev = resolve_device(device)
+    configure_threads(threads)
+    torch.manual_seed(seed)
+    return dev, torch.Generator().manual_seed(seed)
 
 
 @dataclass

@@ -23,12 +23,12 @@ from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import DatasetSpec, load_dataset
 from medflow.data.transforms import Preprocessing
 from medflow.errors import MedflowError
-from medflow.segmentation.runtime import configure_threads, progress, resolve_device
+from medflow.segmentation.runtime import progress
 from medflow.segmentation.train import ema_update, lr_factor, write_log
 from medflow.synthesis.config import SynthConfig
 from medflow.synthesis.image_flow import ImageFlow
 from medflow.synthesis.mask_flow import MaskFlow
-from medflow.synthesis.model import SynthModel, check_run_dir
+from medflow.synthesis.model import SynthModel, start_run
 from medflow.synthesis.preview import save_grid
 
 CHECKPOINT = "synth.pt"
@@ -72,11 +72,9 @@ def train_synth(
 ) -> Path:
     """Train both flows on the dataset at ``data``; returns the checkpoint's path."""
     out = Path(out)
-    check_run_dir(out, RUN_FILES, force)
-    dev = resolve_device(device)
-    configure_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dev, gen = start_run(
+        out, RUN_FILES, force=force, device=device, threads=cfg.threads, seed=cfg.seed
+    )
     spec, slices, prep = load_source(data, cfg.size, cfg.slice_axis)
     k, c = spec.num_classes, len(spec.channel_names)
 
