@@ -4,8 +4,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medflow.cli import main
+from medflow.data import builtin
 from medflow.data.builtin import build, mni152_slabs, reference_order
 from medflow.data.layout import load_dataset, verify_dataset
+from medflow.data.raters import simulate_raters
 from medflow.data.shift import SITES
 from medflow.errors import MedflowError, OutputExistsError
 
@@ -145,3 +148,104 @@ def test_unknown_dataset(tmp_path):
     with pytest.raises(MedflowError, match="unknown dataset 'brats'"):
         build("brats", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------- mni152-raters
+
+
+def tiny_template(shape=(10, 9, 40)):
+    """A stand-in for the MNI152 template: smooth random tissue probabilities on a grid of
+    ``shape``, 1 x 1 x 2 mm, with the origin of nilearn's."""
+    rng = np.random.default_rng(3)
+    logits = np.stack([np.cumsum(rng.normal(size=shape), axis=2) for _ in range(3)])
+    probs = np.exp(logits - logits.max(axis=0))
+    probs = (probs / probs.sum(axis=0)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    affine[:3, 3] = (-98.0, -134.0, -72.0)
+    image = (100.0 * (1 + probs[1] + 2 * probs[2])).astype(np.float32)
+    labels = np.argmax(probs, axis=0).astype(np.uint8)
+    return builtin._Template(image, labels, probs, affine)
+
+
+def rater_files(root, split, case, n):
+    return [root / f"labels{split}" / f"{case}.nii.gz"] + [
+        root / f"raters{split}" / f"{case}_rater{r:02d}.nii.gz" for r in range(1, n)
+    ]
+
+
+def test_raters_writer_cuts_raters_drawn_on_the_whole_volume(tmp_path, monkeypatch):
+    template = tiny_template()
+    monkeypatch.setattr(builtin, "_mni152_template", lambda: template)
+    out = tmp_path / "raters"
+    argv = ["datasets", "build", "mni152-raters", "--out", str(out)]
+    assert main([*argv, "--raters", "3", "--correlation-mm", "2"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    extra = meta["medflow"]
+    assert extra["builtin"] == "mni152-raters" and extra["raters"] == 3
+    assert extra["rater_correlation_mm"] == 2.0 and extra["rater_seed"] == 0
+    assert "SIMULATED" in meta["description"] and meta["labels"] == builtin.MNI152_LABELS
+    # 40 slices: slabs 0-11, 14-25, 28-39; the third is the test split
+    assert [c["slices"] for c in extra["split"]["train"]] == [[0, 12], [14, 26]]
+    assert [c["slices"] for c in extra["split"]["test"]] == [[28, 40]]
+    assert verify_dataset(out) == []
+
+    # the raters are one draw on the whole template (1 x 1 x 2 mm), cut as the slabs are
+    drawn = simulate_raters(template.probabilities, 3, 2.0, (1, 1, 2), np.random.default_rng(0))
+    spec = load_dataset(out)
+    for case, entry in zip(
+        spec.training + spec.test, extra["split"]["train"] + extra["split"]["test"], strict=True
+    ):
+        z0, z1 = entry["slices"]
+        split = "Ts" if entry in extra["split"]["test"] else "Tr"
+        assert case.raters == tuple(rater_files(out, split, case.case_id, 3))
+        for r, path in enumerate(case.raters):
+            label, affine = _nifti(path)
+            assert label.dtype == np.uint8 and np.array_equal(label, drawn[r, :, :, z0:z1])
+            assert np.allclose(affine[:3, 3], [-98.0, -134.0, -72.0 + 2 * z0])
+        probs, p_affine = _nifti(out / f"probabilities{split}" / f"{case.case_id}.nii.gz")
+        assert probs.dtype == np.float32 and probs.shape == (10, 9, z1 - z0, 3)
+        assert np.array_equal(np.moveaxis(probs, -1, 0), template.probabilities[..., z0:z1])
+        assert np.array_equal(p_affine, affine)
+
+
+def test_rater_options_belong_to_mni152_raters(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["datasets", "build", "mni152-tissue", "--out", str(out), "--raters", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--raters: only for mni152-raters" in err
+    argv = ["datasets", "build", "mni152-raters", "--out", str(out)]
+    assert main([*argv, "--raters", "1"]) == 2
+    assert "at least 2, got 1" in capsys.readouterr().err
+    assert main([*argv, "--correlation-mm", "-1"]) == 2
+    assert "--correlation-mm must be a length >= 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_mni152_raters_real_template(tmp_path, mni):
+    # the one build of the real 1 mm template here: 3 raters, about 10 s
+    src, src_meta = mni
+    out = tmp_path / "raters"
+    argv = ["datasets", "build", "mni152-raters", "--out", str(out)]
+    assert main([*argv, "--raters", "3", "--correlation-mm", "2"]) == 0
+    for folder in ("imagesTr", "labelsTr", "ratersTr", "probabilitiesTr"):
+        assert len(list((out / folder).iterdir())) == 8 * (2 if folder == "ratersTr" else 1)
+    for folder in ("imagesTs", "labelsTs", "ratersTs", "probabilitiesTs"):
+        assert len(list((out / folder).iterdir())) == 3 * (2 if folder == "ratersTs" else 1)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["medflow"]["split"] == src_meta["medflow"]["split"]
+    assert verify_dataset(out) == []
+    spec, src_spec = load_dataset(out), load_dataset(src)
+    case, src_case = spec.test[1], src_spec.test[1]
+    image, affine = _nifti(case.images[0])
+    src_image, src_affine = _nifti(src_case.images[0])
+    assert np.array_equal(image, src_image) and np.array_equal(affine, src_affine)
+    probs, _ = _nifti(out / "probabilitiesTs" / f"{case.case_id}.nii.gz")
+    assert probs.shape == (197, 233, 12, 3) and np.allclose(probs.sum(axis=-1), 1, atol=1e-6)
+    raters = np.stack([_nifti(p)[0] for p in case.raters])
+    argmax, _ = _nifti(src_case.label)
+    # certain voxels: every rater agrees with the argmax labels of mni152-tissue
+    certain = probs.max(axis=-1) > 0.999
+    assert certain.mean() > 0.3 and all(np.array_equal(r[certain], argmax[certain]) for r in raters)
+    # ambiguous voxels: the raters disagree, and not all alike
+    ambiguous = (probs[..., 1] > 0.3) & (probs[..., 1] < 0.7)
+    assert 0.3 < (raters[0] != raters[1])[ambiguous].mean() < 0.7

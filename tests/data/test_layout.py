@@ -219,6 +219,95 @@ def test_msd_four_d_multimodal(tmp_path):
     assert verify_dataset(root) == []
 
 
+# ------------------------------------------------------------------ several raters
+
+
+def add_raters(root: Path, split: str, cases, count: int, ending: str = ".nii.gz") -> list[Path]:
+    """``raters{split}/{case}_rater01..`` for ``cases``, ``count`` files each; returns them."""
+    paths = []
+    for case in cases:
+        for r in range(1, count + 1):
+            path = root / f"raters{split}" / f"{case}_rater{r:02d}{ending}"
+            paths.append(write_array(path, label_array(ending)))
+    return paths
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".png"])
+def test_raters_are_every_annotation_label_first(tmp_path, ending):
+    root = make_nnunet(tmp_path / "ds", ending=ending, test_cases=("t0",), test_labels=True)
+    add_raters(root, "Tr", ("case_a", "case_b"), 2, ending)
+    (root / "ratersTr" / ".DS_Store").write_bytes(b"\x00")
+    spec = load_dataset(root)
+    a = spec.training[0]
+    assert a.raters == (
+        root / "labelsTr" / f"case_a{ending}",
+        root / "ratersTr" / f"case_a_rater01{ending}",
+        root / "ratersTr" / f"case_a_rater02{ending}",
+    )
+    assert len(spec.training[1].raters) == 3
+    assert spec.test[0].raters == ()  # no ratersTs: one annotation
+    assert verify_dataset(root) == []
+
+    add_raters(root, "Ts", ("t0",), 4, ending)
+    assert len(load_dataset(root).test[0].raters) == 5  # a split's count is its own
+
+
+def test_dataset_without_raters_folder_has_no_raters(tmp_path):
+    spec = load_dataset(make_nnunet(tmp_path / "ds"))
+    assert all(case.raters == () for case in spec.training)
+
+
+def test_missing_rater_file_is_named(tmp_path):
+    root = make_nnunet(tmp_path / "ds")
+    add_raters(root, "Tr", ("case_a",), 3)
+    add_raters(root, "Tr", ("case_b",), 2)
+    message = raises_data_error(load_dataset, root)
+    assert message.startswith(str(root / "ratersTr" / "case_b_rater03.nii.gz") + ": not found")
+    assert "case 'case_b' has 3 annotation(s)" in message and "rater01..rater03" in message
+
+    (root / "ratersTr" / "case_a_rater02.nii.gz").unlink()  # a gap, not a shorter list
+    message = raises_data_error(load_dataset, root)
+    assert message.startswith(str(root / "ratersTr" / "case_a_rater02.nii.gz") + ": not found")
+
+
+def test_case_without_any_rater_file_is_named(tmp_path):
+    root = make_nnunet(tmp_path / "ds")
+    add_raters(root, "Tr", ("case_a",), 1)
+    message = raises_data_error(load_dataset, root)
+    assert message.startswith(str(root / "ratersTr" / "case_b_rater01.nii.gz"))
+
+
+def test_rater_without_label_or_misnamed_is_refused(tmp_path):
+    root = make_nnunet(tmp_path / "ds", test_cases=("t0",))  # no labelsTs
+    (orphan,) = add_raters(root, "Ts", ("t0",), 1)
+    message = raises_data_error(load_dataset, root)
+    assert message.startswith(str(orphan)) and "rater annotation has no label" in message
+    assert str(root / "labelsTs" / "t0.nii.gz") in message
+    orphan.unlink()
+
+    for name, expected in (
+        ("case_a_r1.nii.gz", "lacks the _raterNN suffix"),
+        ("case_a_rater00.nii.gz", "rater 0 is the case's label map"),
+    ):
+        bad = write_nifti(root / "ratersTr" / name, label_array(".nii.gz"))
+        message = raises_data_error(load_dataset, root)
+        assert message.startswith(str(bad)) and expected in message
+        bad.unlink()
+
+
+def test_verify_checks_every_rater_file(tmp_path):
+    root = make_nnunet(tmp_path / "ds")
+    add_raters(root, "Tr", ("case_a", "case_b"), 2)
+    values = label_array(".nii.gz")
+    values[0, 0, 0] = 9
+    bad_value = write_nifti(root / "ratersTr" / "case_b_rater02.nii.gz", values)
+    bad_shape = write_nifti(root / "ratersTr" / "case_a_rater01.nii.gz", np.zeros((8, 9, 5)))
+    problems = verify_dataset(root)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(str(bad_shape)) and "(8, 9, 5)" in problems[0]
+    assert problems[1].startswith(str(bad_value)) and "[9]" in problems[1]
+
+
 # -------------------------------------------------------------------------- find_cases
 
 

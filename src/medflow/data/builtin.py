@@ -13,18 +13,24 @@
   through a simulated acquisition shift (:mod:`medflow.data.shift`, site ``"site-b"``, one
   seed per slab) as a target site for domain alignment; ``references/`` holds unlabelled
   single-slice images of training slabs, ordered so that the first K spread over the brain.
+* ``mni152-raters``: ``mni152-tissue``'s slabs and split with several annotations per case
+  from SIMULATED raters (:mod:`medflow.data.raters`) whose per-voxel label law is exactly
+  the renormalised tissue probabilities ``(bg, p_gm, p_wm)``; each rater is drawn once on
+  the whole template, so it is coherent across slabs. ``labels{Tr,Ts}`` hold rater 0,
+  ``raters{Tr,Ts}/{case}_raterNN`` the others, ``probabilities{Tr,Ts}/{case}`` the
+  ``(X, Y, Z, K)`` float32 distribution the raters sample.
 * ``dsb-nuclei``: the DSB2018 fluorescence-nuclei image and instance mask that stardist's
   wheel carries (512 x 512), with instances merged into a binary nuclei mask, cut into tiles;
   tiles from the left half train, tiles from the right half test. Written as PNG.
 
-Both are written as nnU-Net raw v2 datasets, so every other command reads them like user data.
+All are written as nnU-Net raw v2 datasets, so every other command reads them like user data.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +43,7 @@ from medflow.errors import MedflowError, OutputExistsError
 class BuiltinDataset:
     name: str
     description: str
-    build: Callable[[Path], dict]
+    build: Callable[..., dict]
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -88,6 +94,44 @@ class _Slab:
     image: np.ndarray
     labels: np.ndarray
     affine: np.ndarray
+    probabilities: np.ndarray  # (3, X, Y, Z): background, grey matter, white matter
+
+
+@dataclass(frozen=True)
+class _Template:
+    """nilearn's MNI152 T1 template and its tissue model on the 1 mm grid.
+
+    Attributes:
+        image: ``(X, Y, Z)`` float32 T1 intensities.
+        labels: ``(X, Y, Z)`` uint8 argmax labels (background, grey matter, white matter).
+        probabilities: ``(3, X, Y, Z)`` float32 ``(bg, p_gm, p_wm)``, ``bg = 1 - p_gm - p_wm``
+            clipped to ``[0, 1]``, the three renormalised to sum to 1 at every voxel.
+        affine: the template's voxel-to-world affine.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm per axis."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def _mni152_template() -> _Template:
+    """Load nilearn's MNI152 2009a T1 template with its grey/white matter probability maps."""
+    from nilearn import datasets as nd
+
+    t1 = nd.load_mni152_template(resolution=1)
+    gm = nd.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
+    wm = nd.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
+    stacked = np.stack([np.clip(1.0 - gm - wm, 0.0, 1.0), gm, wm])
+    # labels from the unnormalised stack, as mni152-tissue has always had them
+    labels = np.argmax(stacked, axis=0).astype(np.uint8)
+    probabilities = (stacked / stacked.sum(axis=0, keepdims=True)).astype(np.float32)
+    return _Template(t1.get_fdata(dtype=np.float32), labels, probabilities, t1.affine)
 
 
 def _z_affine(affine: np.ndarray, z: int) -> np.ndarray:
@@ -97,21 +141,19 @@ def _z_affine(affine: np.ndarray, z: int) -> np.ndarray:
     )
 
 
-def _mni152_cut(thickness: int, gap: int, test_every: int, test_offset: int) -> list[_Slab]:
-    """Load nilearn's MNI152 T1 template with grey/white matter labels and cut it into slabs,
-    every ``test_every``-th from ``test_offset`` in the test split."""
-    from nilearn import datasets as nd
-
-    t1 = nd.load_mni152_template(resolution=1)
-    gm = nd.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
-    wm = nd.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
-    image = t1.get_fdata(dtype=np.float32)
-    bg = np.clip(1.0 - gm - wm, 0.0, 1.0)
-    labels = np.argmax(np.stack([bg, gm, wm]), axis=0).astype(np.uint8)
-
+def _mni152_cut(
+    thickness: int,
+    gap: int,
+    test_every: int,
+    test_offset: int,
+    template: _Template | None = None,
+) -> list[_Slab]:
+    """Cut the MNI152 template (``template``, or nilearn's loaded afresh) into slabs, every
+    ``test_every``-th from ``test_offset`` in the test split; a slab's arrays are views."""
+    t = _mni152_template() if template is None else template
     # slabs cover the axial range that holds any tissue label
-    z_any = np.flatnonzero(labels.any(axis=(0, 1)))
-    ranges = mni152_slabs(image.shape[2], thickness, gap, int(z_any[0]), int(z_any[-1]))
+    z_any = np.flatnonzero(t.labels.any(axis=(0, 1)))
+    ranges = mni152_slabs(t.image.shape[2], thickness, gap, int(z_any[0]), int(z_any[-1]))
     return [
         _Slab(
             index=k,
@@ -119,9 +161,10 @@ def _mni152_cut(thickness: int, gap: int, test_every: int, test_offset: int) -> 
             z0=z0,
             z1=z1,
             split="test" if k % test_every == test_offset else "train",
-            image=image[:, :, z0:z1],
-            labels=labels[:, :, z0:z1],
-            affine=_z_affine(t1.affine, z0),
+            image=t.image[:, :, z0:z1],
+            labels=t.labels[:, :, z0:z1],
+            affine=_z_affine(t.affine, z0),
+            probabilities=t.probabilities[..., z0:z1],
         )
         for k, (z0, z1) in enumerate(ranges)
     ]
@@ -176,6 +219,96 @@ def build_mni152_tissue(
             "slab_gap": gap,
             "split": split,
             "source": MNI152_SOURCE,
+        },
+    )
+    _write_json(out / "dataset.json", meta)
+    return meta
+
+
+def _write_raters(out: Path, slabs: list[_Slab], raters: np.ndarray) -> None:
+    """Write raters ``1..R-1`` of each slab (``raters``: ``(R, X, Y, Z)`` on the whole
+    template) to ``raters{Tr,Ts}/{case}_raterNN.nii.gz`` and its probabilities, ``(X, Y, Z, K)``
+    float32, to ``probabilities{Tr,Ts}/{case}.nii.gz``."""
+    for dirname in ("ratersTr", "ratersTs", "probabilitiesTr", "probabilitiesTs"):
+        (out / dirname).mkdir(parents=True, exist_ok=True)
+    for slab in slabs:
+        suffix = "Ts" if slab.split == "test" else "Tr"
+        for r in range(1, raters.shape[0]):
+            _save_nifti(
+                out / f"raters{suffix}" / f"{slab.case}_rater{r:02d}.nii.gz",
+                np.ascontiguousarray(raters[r, :, :, slab.z0 : slab.z1]),
+                slab.affine,
+            )
+        _save_nifti(
+            out / f"probabilities{suffix}" / f"{slab.case}.nii.gz",
+            np.ascontiguousarray(np.moveaxis(slab.probabilities, 0, -1), dtype=np.float32),
+            slab.affine,
+        )
+
+
+def build_mni152_raters(
+    out: Path,
+    raters: int = 8,
+    correlation_mm: float = 4.0,
+    seed: int = 0,
+    thickness: int = 12,
+    gap: int = 2,
+    test_every: int = 3,
+    test_offset: int = 2,
+) -> dict:
+    """Write ``mni152-raters`` to ``out``: ``mni152-tissue``'s slabs, images and split with
+    ``raters`` simulated annotations per case (:func:`medflow.data.raters.simulate_raters`
+    on the whole template, noise smoothed over ``correlation_mm``, seeded by ``seed``);
+    rater 0 in ``labels{Tr,Ts}``, the others in ``raters{Tr,Ts}``, the label distribution
+    in ``probabilities{Tr,Ts}``; returns its ``dataset.json``.
+
+    Raises:
+        MedflowError: ``raters`` below 2 or ``correlation_mm`` negative.
+    """
+    from medflow.data.raters import simulate_raters
+
+    if isinstance(raters, bool) or not isinstance(raters, int) or raters < 2:
+        raise MedflowError(f"--raters must be an integer of at least 2, got {raters!r}")
+    if not np.isfinite(correlation_mm) or correlation_mm < 0:
+        raise MedflowError(f"--correlation-mm must be a length >= 0 in mm, got {correlation_mm}")
+    template = _mni152_template()
+    drawn = simulate_raters(
+        template.probabilities,
+        raters,
+        correlation_mm,
+        template.spacing,
+        np.random.default_rng(seed),
+    )
+    slabs = [
+        replace(s, labels=drawn[0, :, :, s.z0 : s.z1])
+        for s in _mni152_cut(thickness, gap, test_every, test_offset, template)
+    ]
+    split = _write_slabs(out, slabs, [s.image for s in slabs])
+    _write_raters(out, slabs, drawn)
+    meta = _dataset_json(
+        "T1",
+        MNI152_LABELS,
+        len(split["train"]),
+        ".nii.gz",
+        f"MNI152 2009a T1 template (nilearn) cut into axial slabs as mni152-tissue, with "
+        f"{raters} SIMULATED raters per case: the anatomy and the grey/white matter "
+        "probability maps are real, the annotations are not. Every rater labels each voxel "
+        "with exactly the probabilities in probabilities{Tr,Ts} (background, grey matter, "
+        f"white matter), through Gaussian noise smoothed over {correlation_mm:g} mm, so a "
+        "rater is locally liberal or conservative (see medflow.data.raters). labels{Tr,Ts} "
+        "hold rater 0, raters{Tr,Ts}/{case}_raterNN the others.",
+        {
+            "builtin": "mni152-raters",
+            "slab_thickness": thickness,
+            "slab_gap": gap,
+            "split": split,
+            "source": MNI152_SOURCE,
+            "raters": raters,
+            "rater_correlation_mm": correlation_mm,
+            "rater_seed": seed,
+            "simulated_raters": "medflow.data.raters.simulate_raters",
+            "rater_files": f"raters{{Tr,Ts}}/{{case}}_rater01..{raters - 1:02d}.nii.gz",
+            "probability_files": "probabilities{Tr,Ts}/{case}.nii.gz, (X, Y, Z, K) float32",
         },
     )
     _write_json(out / "dataset.json", meta)
@@ -344,19 +477,25 @@ BUILTINS = {
         "target-site reference slices",
         build_mni152_tissue_shifted,
     ),
+    "mni152-raters": BuiltinDataset(
+        "mni152-raters",
+        "mni152-tissue slabs with 8 simulated raters of known per-voxel label distribution",
+        build_mni152_raters,
+    ),
     "dsb-nuclei": BuiltinDataset(
         "dsb-nuclei", "DSB2018 fluorescence nuclei, binary, left/right half split", build_dsb_nuclei
     ),
 }
 
 
-def build(name: str, out: str | Path, force: bool = False) -> dict:
+def build(name: str, out: str | Path, force: bool = False, **options: object) -> dict:
     """Build the embedded dataset ``name`` into ``out`` (refusing to overwrite without
     ``force``); files are written into a sibling temporary folder that replaces ``out`` only
-    when complete."""
+    when complete. ``options`` go to the dataset's builder (e.g. ``raters=4`` for
+    ``mni152-raters``)."""
     if name not in BUILTINS:
         raise MedflowError(f"unknown dataset {name!r}; choose one of {', '.join(BUILTINS)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputExistsError(out)
-    return build_folder(out, BUILTINS[name].build)
+    return build_folder(out, lambda folder: BUILTINS[name].build(folder, **options))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,20 +33,37 @@ class SliceSet:
 
     Attributes:
         images: ``(N, C, H, W)`` float32, normalised.
-        masks: ``(N, H, W)`` uint8 label maps.
+        masks: ``(N, H, W)`` uint8 label maps (rater 0's where there are several).
         case_ids: the case each slice came from, length N.
+        raters: ``(N, R, H, W)`` uint8, every annotation of each slice, ``raters[:, 0]``
+            equal to ``masks``; ``None`` where the cases have one annotation each.
     """
 
     images: torch.Tensor
     masks: torch.Tensor
     case_ids: list[str]
+    raters: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, index: Sequence[int] | np.ndarray) -> SliceSet:
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return SliceSet(self.images[idx], self.masks[idx], [self.case_ids[i] for i in idx])
+        raters = None if self.raters is None else self.raters[idx]
+        return SliceSet(self.images[idx], self.masks[idx], [self.case_ids[i] for i in idx], raters)
+
+    def draw_masks(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The masks of slices ``idx`` ``(B,)``: ``masks[idx]`` with one annotation per
+        slice, else for every row one rater drawn uniformly from ``generator`` (so training
+        sees the raters' spread, as on LIDC's four readers).
+
+        Returns:
+            ``(B, H, W)`` uint8 label maps.
+        """
+        if self.raters is None:
+            return self.masks[idx]
+        pick = torch.randint(self.raters.shape[1], (len(idx),), generator=generator)
+        return self.raters[idx, pick]
 
 
 def plan_preprocessing(
@@ -120,11 +138,11 @@ def prepare_image(
 
 
 def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) -> SliceSet:
-    """Read labelled cases and return all their slices at the training size."""
-    images, masks, ids = [], [], []
+    """Read labelled cases and return all their slices at the training size; every
+    annotation of cases with several (``Case.raters``) goes into ``SliceSet.raters``."""
+    n_raters = _rater_count(cases)
+    images, annotations, ids = [], [], []
     for case in cases:
-        if case.label is None:
-            raise DataError(case.images[0], "has no label map")
         img = read_image(case.images)
         if prep.dims == 2 and img.geometry.dims == 3:
             raise DataError(
@@ -132,25 +150,65 @@ def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) ->
                 f"is a 3D volume of shape {img.geometry.shape}, but the first training case is "
                 "a 2D image; a dataset holds 2D images or 3D volumes, not both",
             )
-        lab = read_label(case.label)
-        if lab.geometry.shape != img.geometry.shape:
-            raise DataError(
-                case.label,
-                f"label has spatial shape {lab.geometry.shape}, but image {case.images[0]} has "
-                f"{img.geometry.shape}",
-            )
-        if int(lab.array.max()) >= num_classes:
-            raise DataError(
-                case.label,
-                f"holds label value {int(lab.array.max())}, but dataset.json declares only "
-                f"0..{num_classes - 1}",
-            )
         x, box = prepare_image(img, prep)
-        y = torch.from_numpy(to_slices(lab.array[box][None], prep.slice_axis)[:, 0])
+        paths = case.raters if n_raters else (case.label,)
+        # (N, R, H, W): each annotation sliced and resized exactly as a lone label map is
+        y = [_label_slices(p, case, img, box, prep, num_classes) for p in paths]
         images.append(x)
-        masks.append(resize_labels(y, prep.size, num_classes).to(torch.uint8))
+        annotations.append(torch.stack(y, dim=1))
         ids.extend([case.case_id] * x.shape[0])
-    return SliceSet(torch.cat(images), torch.cat(masks), ids)
+    stacked = torch.cat(annotations)
+    masks = stacked[:, 0].contiguous()
+    return SliceSet(torch.cat(images), masks, ids, stacked if n_raters else None)
+
+
+def _rater_count(cases: Sequence[Case]) -> int:
+    """The number of annotations every case has, 0 where none has raters.
+
+    Raises:
+        DataError: a case without a label, or cases with different numbers of raters.
+    """
+    for case in cases:
+        if case.label is None:
+            raise DataError(case.images[0], "has no label map")
+    counts = {len(case.raters) for case in cases}
+    if len(counts) > 1:
+        first = cases[0]
+        other = next(c for c in cases if len(c.raters) != len(first.raters))
+        raise DataError(
+            other.label,
+            f"case '{other.case_id}' has {len(other.raters) or 1} annotation(s), but case "
+            f"'{first.case_id}' has {len(first.raters) or 1}; slices of one set need the "
+            "same raters",
+        )
+    return counts.pop() if counts else 0
+
+
+def _label_slices(
+    path: Path,
+    case: Case,
+    img: Volume,
+    box: tuple[slice, slice, slice],
+    prep: Preprocessing,
+    num_classes: int,
+) -> torch.Tensor:
+    """One annotation of ``case`` (on ``img``'s grid), cropped to ``box``, sliced and
+    resized to the training size: ``(N, H, W)`` uint8."""
+    lab = read_label(path)
+    if lab.geometry.shape != img.geometry.shape:
+        raise DataError(
+            path,
+            f"label has spatial shape {lab.geometry.shape}, but image {case.images[0]} has "
+            f"{img.geometry.shape}",
+        )
+    if int(lab.array.max()) >= num_classes:
+        raise DataError(
+            path,
+            f"holds label value {int(lab.array.max())}, but dataset.json declares only "
+            f"0..{num_classes - 1}",
+        )
+    y = torch.from_numpy(to_slices(lab.array[box][None], prep.slice_axis)[:, 0])
+    return resize_labels(y, prep.size, num_classes).to(torch.uint8)
 
 
 def split_cases(

@@ -5,7 +5,10 @@ Two layouts are read from ``root/dataset.json``:
 * **nnU-Net raw v2** (``channel_names``, ``labels`` name -> value, ``file_ending``,
   ``numTraining``): one file per channel, ``imagesTr/{case}_{XXXX}{ending}``, with
   ``labelsTr/{case}{ending}``; optional ``imagesTs/`` and ``labelsTs/``. Cases come from the
-  files on disk.
+  files on disk. medflow's extension for several annotations per case: optional
+  ``ratersTr/`` (``ratersTs/``) holding ``{case}_rater01{ending}``, ``{case}_rater02{ending}``,
+  ... for every labelled case, the label map being rater 0 (so nnU-Net tools still read the
+  dataset, with one annotation).
 * **MSD** (``modality``, ``labels`` value -> name, ``training``, ``test``): one file per case
   holding every modality (a 4D NIfTI); cases come from the lists in ``dataset.json``.
 
@@ -21,7 +24,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,8 @@ _LAYOUT_NAMES = {NNUNET: "nnU-Net raw v2", MSD: "Medical Segmentation Decathlon"
 
 # nnU-Net's channel suffix: exactly four digits after the last underscore.
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>[0-9]{4})$")
+# an extra annotation in ratersTr/ratersTs: "_rater" and two or more digits, from 01
+_RATER = re.compile(r"^(?P<case>.+)_rater(?P<index>[0-9]{2,})$")
 # an index or label value written as a JSON key: ASCII digits, short enough to be an int
 _INDEX = re.compile(r"[0-9]{1,9}")
 
@@ -55,11 +60,15 @@ class Case:
             modality in a 4D NIfTI).
         label: the label map, or ``None`` where the case has none (prediction inputs, or
             ``imagesTs`` without ``labelsTs``).
+        raters: every annotation of the case, rater 0 (``label``) first, then
+            ``ratersTr/{case}_rater01{ending}``, ...; empty where the dataset has no raters
+            folder for the case's split.
     """
 
     case_id: str
     images: tuple[Path, ...]
     label: Path | None
+    raters: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,9 @@ def load_dataset(root: str | Path) -> DatasetSpec:
         DataError: naming the file at fault: the folder or ``dataset.json`` is missing or
             malformed, uses something unsupported (region-based or ``ignore`` labels, label
             values other than ``0..K-1``, an unknown file ending), an image has no label or a
-            label no image, a channel file is missing, or there are no training cases.
+            label no image, a channel file is missing, there are no training cases, or a
+            raters folder holds a misnamed file, a rater of an unlabelled case, or not the
+            same raters for every case.
     """
     root = Path(root).expanduser()
     json_path, meta = _read_json(root)
@@ -337,6 +348,7 @@ def _load_nnunet(root: Path, name: str, meta: dict[str, Any], json_path: Path) -
     if not images_tr.is_dir():
         raise DataError(images_tr, "folder not found; the training images belong here")
     training = _pair_nnunet(images_tr, root / "labelsTr", ending, channels, labels_required=True)
+    training = _with_raters(training, root / "ratersTr", root / "labelsTr", ending)
     if not training:
         raise DataError(
             images_tr, f"holds no training cases; expected files named {{case}}_0000{ending}"
@@ -351,6 +363,7 @@ def _load_nnunet(root: Path, name: str, meta: dict[str, Any], json_path: Path) -
         # evaluation never silently skips one
         labels_required=bool(_label_files(labels_ts, ending)),
     )
+    test = _with_raters(test, root / "ratersTs", labels_ts, ending)
     return DatasetSpec(root, name, NNUNET, channels, labels, ending, training, test)
 
 
@@ -413,6 +426,65 @@ def _channel_files(
 
 def _label_files(folder: Path, ending: str) -> dict[str, Path]:
     return {p.name[: -len(ending)]: p for p in _visible_files(folder) if p.name.endswith(ending)}
+
+
+def _with_raters(
+    cases: tuple[Case, ...], folder: Path, labels_dir: Path, ending: str
+) -> tuple[Case, ...]:
+    """``cases`` with their annotations from ``folder`` (``ratersTr``/``ratersTs``): every
+    labelled case must have raters ``01..R-1``, the same ``R`` for all; unchanged where
+    ``folder`` holds no rater files."""
+    found = _rater_files(folder, ending)
+    if not found:
+        return cases
+    labelled = {c.case_id for c in cases if c.label is not None}
+    for case_id, files in found.items():
+        if case_id not in labelled:
+            expected = labels_dir / f"{case_id}{ending}"
+            raise DataError(
+                files[min(files)], f"rater annotation has no label; expected {expected} (rater 0)"
+            )
+    count = max(max(files) for files in found.values())
+    out = []
+    for case in cases:
+        if case.label is None:
+            out.append(case)
+            continue
+        files = found.get(case.case_id, {})
+        missing = [i for i in range(1, count + 1) if i not in files]
+        if missing:
+            raise DataError(
+                folder / f"{case.case_id}_rater{missing[0]:02d}{ending}",
+                f"not found: case '{case.case_id}' has {len(files) + 1} annotation(s), but "
+                f"{folder.name} holds rater01..rater{count:02d} for other cases; every case "
+                "needs the same raters",
+            )
+        out.append(replace(case, raters=(case.label, *(files[i] for i in range(1, count + 1)))))
+    return tuple(out)
+
+
+def _rater_files(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
+    """``{case}_raterNN{ending}`` files of ``folder`` by case and rater index."""
+    found: dict[str, dict[int, Path]] = {}
+    for path in _visible_files(folder):
+        if not path.name.endswith(ending):
+            continue
+        match = _RATER.match(path.name[: -len(ending)])
+        if match is None:
+            raise DataError(
+                path,
+                f"rater file name lacks the _raterNN suffix; expected {{case}}_rater01{ending}",
+            )
+        index = int(match["index"])
+        if index == 0:
+            raise DataError(
+                path, "rater 0 is the case's label map; number the other raters from _rater01"
+            )
+        files = found.setdefault(match["case"], {})
+        if index in files:
+            raise DataError(path, f"rater {index} is already given by {files[index]}")
+        files[index] = path
+    return found
 
 
 # ------------------------------------------------------------------------------------- MSD
@@ -671,7 +743,7 @@ def verify_dataset(root: str | Path) -> list[str]:
     NaN/Inf in an image, a channel count other than ``channel_names``', image and label
     shapes or (NIfTI) affines that disagree, label values not declared in ``dataset.json``,
     a 2D image among 3D volumes or a 3D volume among 2D images; and ``numTraining`` must equal
-    the number of training cases.
+    the number of training cases. A case's other raters are checked as its label is.
 
     Args:
         root: the dataset folder.
@@ -738,37 +810,45 @@ def _check_case(
 ) -> tuple[list[str], io.Volume | None]:
     """The problems of one case, and its image where it could be read."""
     problems: list[str] = []
-    image = label = None
+    image = None
     try:
         image = io.read_image(case.images)
     except DataError as exc:
         problems.append(str(exc))
-    if case.label is not None:
-        try:
-            label = io.read_label(case.label)
-        except DataError as exc:
-            problems.append(str(exc))
-
     if image is not None and image.array.shape[0] != num_channels:
         problems.append(
             f"{case.images[0]}: case '{case.case_id}' has {image.array.shape[0]} image "
             f"channel(s), but dataset.json declares {num_channels}"
         )
-    if label is not None:
-        values = np.unique(label.array)
-        undeclared = sorted(set(values.tolist()) - set(allowed))
-        if undeclared:
-            problems.append(
-                f"{case.label}: label values {undeclared} are not declared in dataset.json "
-                f"(allowed: {', '.join(map(str, allowed))})"
-            )
-    if image is not None and label is not None:
-        problems += _grid_problems(image.geometry, label.geometry, case)
+    # the label, then raters 1.. (raters[0] is the label itself)
+    annotations = () if case.label is None else (case.label, *case.raters[1:])
+    for path in annotations:
+        problems += _annotation_problems(path, case, image, allowed)
     return problems, image
 
 
-def _grid_problems(image: io.Geometry, label: io.Geometry, case: Case) -> list[str]:
-    where = f"{case.label}: label"
+def _annotation_problems(
+    path: Path, case: Case, image: io.Volume | None, allowed: list[int]
+) -> list[str]:
+    """The problems of one label map (the label or another rater's) of ``case``."""
+    try:
+        label = io.read_label(path)
+    except DataError as exc:
+        return [str(exc)]
+    problems = []
+    undeclared = sorted(set(np.unique(label.array).tolist()) - set(allowed))
+    if undeclared:
+        problems.append(
+            f"{path}: label values {undeclared} are not declared in dataset.json "
+            f"(allowed: {', '.join(map(str, allowed))})"
+        )
+    if image is not None:
+        problems += _grid_problems(image.geometry, label.geometry, case, path)
+    return problems
+
+
+def _grid_problems(image: io.Geometry, label: io.Geometry, case: Case, path: Path) -> list[str]:
+    where = f"{path}: label"
     if image.shape != label.shape:
         return [
             f"{where} has spatial shape {label.shape}, but image {case.images[0]} has {image.shape}"
