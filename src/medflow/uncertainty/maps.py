@@ -16,6 +16,7 @@ with ``round(65535 * value / max)``, ``max`` being the largest value the map can
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -41,13 +42,30 @@ def map_name(case_id: str, kind: str, ending: str) -> str:
     return f"{case_id}_{kind}{ending}"
 
 
+def sample_name(case_id: str, index: int, ending: str) -> str:
+    """File name of posterior sample ``index`` of a case (a label map), written by
+    ``medflow predict --save-samples``: ``<case>_sample00<ending>``, ``_sample01``, ..."""
+    if not 0 <= index < 100:
+        raise ValueError(f"sample index must be in 0..99, got {index}")
+    return f"{case_id}_sample{index:02d}{ending}"
+
+
+PROBABILITIES = "probabilities"  # <case>_probabilities<ending>: the fused soft mask (X, Y, Z, K)
+
+
 def split_map_name(case_id: str) -> tuple[str, str] | None:
-    """``("case", "entropy")`` for the id ``"case_entropy"``; ``None`` for any other id."""
-    for kind in MAPS:
+    """``("case", "entropy")`` for the id ``"case_entropy"``, ``("case", "sample03")`` for
+    ``"case_sample03"``, ``("case", "probabilities")`` for ``"case_probabilities"``; ``None``
+    for any other id."""
+    for kind in (*MAPS, PROBABILITIES):
         suffix = f"_{kind}"
         if case_id.endswith(suffix) and len(case_id) > len(suffix):
             return case_id[: -len(suffix)], kind
-    return None
+    m = _SAMPLE.fullmatch(case_id)
+    return (m.group(1), f"sample{m.group(2)}") if m and m.group(1) else None
+
+
+_SAMPLE = re.compile(r"(.+)_sample([0-9]{2})")
 
 
 def png_scale(kind: str, num_classes: int) -> float:
