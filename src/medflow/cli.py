@@ -3,7 +3,7 @@
     medflow datasets list | build NAME --out DIR | verify DIR
     medflow train    --data DIR --out RUN_DIR [hyperparameters]
     medflow predict  --model CHECKPOINT --input FILE_OR_DIR --out DIR [--uncertainty]
-    medflow evaluate --pred DIR --ref DIR --out DIR
+    medflow evaluate --pred DIR --ref DIR --out DIR [--raters DATASET [--samples S ...]]
     medflow export   --model CHECKPOINT --out MODEL.onnx
     medflow report   --pred DIR --eval DIR --out REPORT.html [--run RUN_DIR] [--png DIR]
     medflow synth    train --data DIR --out RUN | align --model synth.pt --references DIR
@@ -128,9 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     ds_verbs = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
     ds_verbs.add_parser("list", help="list the embedded datasets")
     b = ds_verbs.add_parser("build", help="build an embedded dataset as an nnU-Net raw folder")
-    b.add_argument("name", help="mni152-tissue, mni152-tissue-shifted or dsb-nuclei")
+    b.add_argument("name", help="mni152-tissue, mni152-tissue-shifted, mni152-raters or dsb-nuclei")
     b.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     b.add_argument("--force", action="store_true", help="replace an existing folder")
+    b.add_argument(
+        "--raters",
+        type=int,
+        metavar="R",
+        help="mni152-raters: simulated annotations per case, at least 2 (default 8)",
+    )
+    b.add_argument(
+        "--correlation-mm",
+        type=float,
+        metavar="L",
+        help="mni152-raters: correlation length of a rater's noise in mm, 0 for independent "
+        "voxels (default 4)",
+    )
     v = ds_verbs.add_parser("verify", help="open every file of a dataset and report problems")
     v.add_argument("root", type=Path, help="dataset folder (nnU-Net raw v2 or MSD)")
 
@@ -164,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sampler",
         default="auto",
-        choices=("auto", "euler", "heun", "ddim", "ddpm"),
-        help="euler or heun for a flow model; ddim or ddpm for a diffusion model "
-        "(default auto: euler or ddim by the checkpoint)",
+        choices=("auto", "euler", "heun", "shortcut", "ddim", "ddpm"),
+        help="euler or heun for a flow model (from noise, one step lands on the posterior "
+        "mean); shortcut (models trained with shortcut jumps) for posterior samples, one "
+        "evaluation each; ddim or ddpm for a diffusion model (default auto: euler or ddim by "
+        "the checkpoint; with --uncertainty, a shortcut model's samples are shortcut jumps "
+        "and its mask the one-step posterior mean)",
     )
     p.add_argument("--samples", type=int, default=1, help="noise draws averaged (ensemble)")
     p.add_argument(
@@ -180,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write <case>_variance and <case>_entropy maps beside each mask, and "
         "prediction.json (docs/UNCERTAINTY.md)",
+    )
+    p.add_argument(
+        "--save-samples",
+        action="store_true",
+        help="with the maps, also write every sample's label map (<case>_sample00, ...) and "
+        "the soft mask (<case>_probabilities), for evaluate --raters",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
@@ -206,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
     e.add_argument("--out", required=True, type=Path, help="folder for per_case.csv, summary.json")
     e.add_argument("--force", action="store_true", help="overwrite an existing summary")
+    e.add_argument(
+        "--raters",
+        type=Path,
+        metavar="DATASET",
+        help="dataset folder holding labelsTs/, ratersTs/ (several raters per case) and "
+        "optionally probabilitiesTs/: also score the posterior samples of predict "
+        "--save-samples (GED, matched IoU, calibration) into ambiguity.json",
+    )
+    e.add_argument(
+        "--samples",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="with --raters: the sample counts to score, on the first S samples (default 1 4 16)",
+    )
 
     from medflow.segmentation.bench import METHODS as BENCH_METHODS
 
@@ -331,17 +368,24 @@ def _datasets(args: argparse.Namespace) -> int:
             print(f"{name:22s} {ds.description}")
         return 0
     if args.action == "build":
+        given = {"raters": args.raters, "correlation_mm": args.correlation_mm}
+        options = {k: v for k, v in given.items() if v is not None}
+        if options and args.name != "mni152-raters":
+            flags = " and ".join(f"--{k.replace('_', '-')}" for k in options)
+            raise MedflowError(f"{flags}: only for mni152-raters, not for {args.name!r}")
         try:
-            meta = builtin.build(args.name, args.out, force=args.force)
+            meta = builtin.build(args.name, args.out, force=args.force, **options)
         except OSError as exc:
             if exc.errno not in ENVIRONMENT_ERRNOS:
                 raise
             # the build ran in a temporary sibling folder, already removed: name the target
             raise MedflowError(f"{args.out}: cannot be written: {exc.strerror}") from exc
         split = meta["medflow"]["split"]
+        raters = meta["medflow"].get("raters")
         print(
             f"built {args.name} in {args.out}: {len(split['train'])} training and "
             f"{len(split['test'])} test cases"
+            + (f", {raters} simulated raters each" if raters else "")
         )
         return 0
     from medflow.data.layout import verify_dataset
@@ -461,19 +505,37 @@ def _predict(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty,
         channels_last=args.channels_last,
         compile=args.compile,
+        save_samples=args.save_samples,
     )
     if _main_rank():
-        maps = " with variance and entropy maps" if args.uncertainty else ""
+        maps = " with variance and entropy maps" if args.uncertainty or args.save_samples else ""
+        maps += " and every sample" if args.save_samples else ""
         print(f"wrote {len(written)} prediction(s){maps} to {args.out}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from medflow.metrics import ambiguity_summary as amb
     from medflow.metrics.summary import evaluate_folders, format_summary
 
-    summary = evaluate_folders(args.pred, args.ref, args.out, force=args.force)
+    if args.raters is None:
+        if args.samples is not None:
+            raise MedflowError("--samples scores posterior samples; it needs --raters DATASET")
+        summary = evaluate_folders(args.pred, args.ref, args.out, force=args.force)
+    else:
+        # everything is read and checked before the first file is written
+        amb.check_outputs(args.out, args.force)
+        samples = (1, 4, 16) if args.samples is None else args.samples
+        results = amb.ambiguity_results(args.pred, args.raters, samples=samples)
+        summary = evaluate_folders(args.pred, args.ref, args.out, force=args.force)
+        amb.write_ambiguity(results, args.out, force=True)  # checked above
     print(format_summary(summary))
     print(f"per-case results: {args.out / 'per_case.csv'}, {args.out / 'summary.json'}")
+    if args.raters is not None:
+        print(amb.format_ambiguity(results))
+        print(
+            f"several raters: {args.out / 'ambiguity_per_case.csv'}, {args.out / 'ambiguity.json'}"
+        )
     return 0
 
 

@@ -30,9 +30,17 @@ WEIGHTINGS = ("velocity", "endpoint")
 
 @dataclass(frozen=True)
 class LossTerms:
+    """A batch's loss and its parts (``shortcut``: the self-consistency term, 0 without)."""
+
     total: torch.Tensor
     flow: torch.Tensor
     seg: torch.Tensor
+    shortcut: torch.Tensor | None = None
+
+    def parts(self) -> torch.Tensor:
+        """``[total, flow, seg, shortcut]`` detached, for the log."""
+        sc = self.shortcut if self.shortcut is not None else self.total.new_zeros(())
+        return torch.stack([self.total, self.flow, self.seg, sc]).detach()
 
 
 def flow_matching_loss(

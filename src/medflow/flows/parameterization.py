@@ -47,10 +47,18 @@ class FlowField:
             default) or ``"velocity"`` (the outputs are the velocity itself, as a naive flow
             segmenter has it; kept for comparison).
         min_gap: floor on ``1 - t`` in the endpoint's velocity (reached only at the end).
+        step: jump size ``d`` for a network with a step input (a shortcut model): the field
+            is then the average velocity over a jump of ``d``, and Euler with ``1 / d`` steps
+            draws a posterior sample (:mod:`medflow.flows.shortcut`). None: the
+            instantaneous velocity (``d = 0``), whose one-step end is the posterior mean.
     """
 
     def __init__(
-        self, net: nn.Module, parameterization: str = "endpoint", min_gap: float = DEFAULT_MIN_GAP
+        self,
+        net: nn.Module,
+        parameterization: str = "endpoint",
+        min_gap: float = DEFAULT_MIN_GAP,
+        step: float | None = None,
     ) -> None:
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(
@@ -60,6 +68,7 @@ class FlowField:
         self.net = net
         self.parameterization = parameterization
         self.min_gap = min_gap
+        self.step = step
 
     def condition(self, image: torch.Tensor) -> Conditioning:
         """Compute the image-branch features once for all steps of a sampler."""
@@ -67,7 +76,15 @@ class FlowField:
         return Conditioning(image, feats)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        out = self.net(x, t, cond.image, feats=cond.feats)
+        return self.jump(x, t, None if self.step is None else torch.full_like(t, self.step), cond)
+
+    def jump(
+        self, x: torch.Tensor, t: torch.Tensor, step: torch.Tensor | None, cond: Conditioning
+    ) -> torch.Tensor:
+        """Velocity at ``(x, t)`` averaged over jumps of per-row size ``step`` ``(B,)``
+        (None: the instantaneous velocity)."""
+        extra = {} if step is None else {"step": step}
+        out = self.net(x, t, cond.image, feats=cond.feats, **extra)
         if self.parameterization == "velocity":
             return out.to(x.dtype)
         x1_hat = logits_to_endpoint(out).to(x.dtype)

@@ -66,7 +66,9 @@ class ResBlock(nn.Module):
     Shapes: ``(B, C_in, H, W)`` -> ``(B, C_out, H, W)``.
     """
 
-    def __init__(self, c_in: int, c_out: int, time_dim: int | None = None) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, time_dim: int | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups_for(c_in), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -75,6 +77,9 @@ class ResBlock(nn.Module):
         self.act = nn.SiLU()
         self.film = nn.Linear(time_dim, 2 * c_out) if time_dim else None
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        # before the second convolution, as in improved DDPM's blocks; kept on at inference
+        # for Monte-Carlo dropout (medflow.segmentation.inference)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
@@ -82,27 +87,28 @@ class ResBlock(nn.Module):
         if self.film is not None:
             scale, shift = self.film(temb)[:, :, None, None].chunk(2, dim=1)
             h = h * (1.0 + scale) + shift
-        h = self.conv2(self.act(h))
+        h = self.conv2(self.dropout(self.act(h)))
         return self.skip(x) + h
 
 
 def unet_levels(
-    channels: tuple[int, ...], time_dim: int | None
+    channels: tuple[int, ...], time_dim: int | None, dropout: float = 0.0
 ) -> tuple[nn.ModuleList, nn.ModuleList, ResBlock, nn.ModuleList, nn.ModuleList]:
     """The encoder-decoder trunk shared by the backbones: per level a residual block and a
     stride-2 convolution down, a residual block at the bottleneck, then per level (coarse to
     fine) a convolution after nearest upsampling and a residual block over ``[up, skip]``.
-    Returns ``(enc, down, mid, up, dec)``; the first block reads ``channels[0]`` channels."""
+    Returns ``(enc, down, mid, up, dec)``; the first block reads ``channels[0]`` channels;
+    every residual block drops ``dropout`` of its features (0: none)."""
     enc, down = nn.ModuleList(), nn.ModuleList()
     c_prev = channels[0]
     for i, c in enumerate(channels):
-        enc.append(ResBlock(c_prev, c, time_dim))
+        enc.append(ResBlock(c_prev, c, time_dim, dropout))
         if i < len(channels) - 1:
             down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
         c_prev = c
-    mid = ResBlock(channels[-1], channels[-1], time_dim)
+    mid = ResBlock(channels[-1], channels[-1], time_dim, dropout)
     up, dec = nn.ModuleList(), nn.ModuleList()
     for i in reversed(range(len(channels) - 1)):
         up.append(nn.Conv2d(channels[i + 1], channels[i], 3, padding=1))
-        dec.append(ResBlock(2 * channels[i], channels[i], time_dim))
+        dec.append(ResBlock(2 * channels[i], channels[i], time_dim, dropout))
     return enc, down, mid, up, dec

@@ -37,6 +37,15 @@ class NetConfig(LevelsConfig):
             through the stem, concatenated with ``x_t``: a plain conditional UNet, kept to
             measure what the branch contributes.
         time_dim: width of the time embedding.
+        step_input: the flow network also reads a jump size ``d`` in [0, 1] (embedded like
+            ``t`` and added to the time embedding): ``d = 0`` is the instantaneous velocity
+            (the posterior mean's field), ``d > 0`` the average velocity over a jump of size
+            ``d`` (shortcut model, :mod:`medflow.flows.shortcut`), so one evaluation with
+            ``d = 1`` from noise is a posterior sample. Only with ``flow``; checkpoints
+            written before it existed load with it off.
+        dropout: dropout rate in every residual block (0: none). A plain UNet with dropout
+            is the Monte-Carlo dropout baseline: ``samples > 1`` keeps dropout on at
+            inference, one mask per draw.
     """
 
     in_channels: int
@@ -47,10 +56,16 @@ class NetConfig(LevelsConfig):
     faa: bool = True
     image_branch: bool = True
     time_dim: int = 128
+    step_input: bool = False
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.step_input and not self.flow:
+            raise ValueError("step_input needs a flow network (flow=True)")
         if self.flow and not self.image_branch and (self.dbsa or self.faa):
             raise ValueError("dbsa and faa need the image branch (image_branch=True)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.in_channels < 1 or self.num_classes < 2:
             raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {self}")
         self._check_levels()
@@ -76,6 +91,7 @@ class SegNet(nn.Module):
         ch = cfg.channels
         tdim = cfg.time_dim if cfg.flow else None
         self.time = SinusoidalTimeEmbedding(cfg.time_dim) if cfg.flow else None
+        self.step = SinusoidalTimeEmbedding(cfg.time_dim) if cfg.step_input else None
         stem_in = cfg.in_channels + (cfg.num_classes if cfg.flow else 0)
         self.stem = nn.Conv2d(stem_in, ch[0], 3, padding=1)
 
@@ -98,7 +114,7 @@ class SegNet(nn.Module):
             )
             self.faa = FrequencyAwareAttention(ch[-1], cfg.time_dim) if cfg.faa else None
 
-        self.enc, self.down, self.mid, self.up, self.dec = unet_levels(ch, tdim)
+        self.enc, self.down, self.mid, self.up, self.dec = unet_levels(ch, tdim, cfg.dropout)
         self.head = nn.Sequential(
             nn.GroupNorm(groups_for(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.num_classes, 1)
         )
@@ -122,11 +138,22 @@ class SegNet(nn.Module):
         if image.shape[-2] % m or image.shape[-1] % m:
             raise ValueError(f"H and W must be multiples of {m}, got {tuple(image.shape[-2:])}")
 
-    def forward(self, *args: torch.Tensor, feats: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        *args: torch.Tensor,
+        feats: list[torch.Tensor] | None = None,
+        step: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow mode ``(x_t, t, image)``, plain mode ``(image)``; ``step`` ``(B,)`` is the
+        jump size of a network with ``step_input`` (None: 0, the instantaneous velocity)."""
         if self.cfg.flow:
             x_t, t, image = args
             self._check(image)
             temb = self.time(t)
+            if self.step is not None:
+                temb = temb + self.step(torch.zeros_like(t) if step is None else step)
+            elif step is not None:
+                raise ValueError("this network has no step input (step_input=False)")
             g = None
             if self.cfg.image_branch:
                 g = feats if feats is not None else self.image_features(image)

@@ -28,8 +28,9 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path) -> Path:
     rows = read_log(log_csv)
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key in ("loss", "flow_loss", "seg_loss"):
-        if rows and key in rows[0]:
+    for key in ("loss", "flow_loss", "seg_loss", "shortcut_loss"):
+        # a run without shortcut rows logs 0 there: nothing to draw on a log scale
+        if rows and key in rows[0] and (key != "shortcut_loss" or any(r[key] > 0 for r in rows)):
             ax_loss.plot(steps, [r[key] for r in rows], label=key, linewidth=1)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")

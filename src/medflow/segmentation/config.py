@@ -52,6 +52,16 @@ class TrainConfig:
         min_gap: floor on ``1 - t``.
         flow_weight: weight of the flow-matching term.
         seg_weight: weight of the cross-entropy + Dice term on the endpoint.
+        shortcut_fraction: fraction of every batch trained by shortcut self-consistency
+            (:mod:`medflow.flows.shortcut`): the network learns the average velocity of
+            jumps, so one evaluation from noise draws a posterior sample (``predict
+            --sampler shortcut``, and ``--uncertainty``'s samples). 0 trains the
+            instantaneous field alone (no step input). MedFlowSeg with the endpoint
+            parameterisation only; other models ignore it.
+        shortcut_max_steps: the Euler steps of the instantaneous field that the one-step
+            sample distils (a power of 2; jumps of ``2/M .. 1`` are trained).
+        dropout: dropout rate in the backbone's residual blocks (0: none); with
+            ``model="unet"`` it is the Monte-Carlo dropout baseline (``predict --samples``).
         steps: optimiser steps.
         batch_size: slices per step.
         lr: peak learning rate of AdamW.
@@ -85,6 +95,9 @@ class TrainConfig:
     min_gap: float = 0.05
     flow_weight: float = 1.0
     seg_weight: float = 1.0
+    shortcut_fraction: float = 0.25
+    shortcut_max_steps: int = 8
+    dropout: float = 0.0
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
@@ -103,6 +116,9 @@ class TrainConfig:
         if self.model == "diffusion" and self.parameterization == "endpoint":
             # the default resolved: a noise-predicting network (stored, so predict knows)
             object.__setattr__(self, "parameterization", EPSILON)
+        if self.model != "medflowseg" or self.parameterization != "endpoint":
+            # shortcut jumps are trained on the endpoint flow only; stored resolved
+            object.__setattr__(self, "shortcut_fraction", 0.0)
         checks = [
             (self.model in MODELS, f"model must be one of {MODELS}"),
             (
@@ -134,6 +150,13 @@ class TrainConfig:
                 "val_every and checkpoint_every must be >= 1",
             ),
             (self.slice_axis in (None, 0, 1, 2), "slice_axis must be 0, 1 or 2"),
+            (0.0 <= self.shortcut_fraction < 1.0, "shortcut_fraction must be in [0, 1)"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (
+                self.shortcut_max_steps >= 2
+                and not self.shortcut_max_steps & (self.shortcut_max_steps - 1),
+                "shortcut_max_steps must be a power of 2 >= 2",
+            ),
         ]
         for ok, message in checks:
             if not ok:

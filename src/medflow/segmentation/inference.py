@@ -17,9 +17,11 @@ from medflow.flows.diffusion import (
 )
 from medflow.flows.encoding import flow_to_probs
 from medflow.flows.parameterization import FlowField
-from medflow.flows.samplers import SAMPLERS
+from medflow.flows.samplers import SAMPLERS, euler
 from medflow.models.unet import SegNet
 from medflow.segmentation.runtime import autocast
+
+SHORTCUT = "shortcut"  # one jump-averaged Euler step per 1/steps: a posterior sample
 
 
 @torch.no_grad()
@@ -41,7 +43,10 @@ def predict_probs(
     has no noise and gives ``S = 1``).
 
     A flow network integrates from Gaussian noise with ``sampler`` (``"euler"`` or ``"heun"``)
-    for ``steps`` steps (one Euler step, one network evaluation, by default). A diffusion
+    for ``steps`` steps (one Euler step, one network evaluation, by default): from the same
+    noise, one step lands on the posterior mean. ``"shortcut"`` (a network trained with
+    shortcut jumps, ``net.cfg.step_input``) takes ``steps`` jumps of size ``1 / steps``:
+    one evaluation per posterior *sample* (:mod:`medflow.flows.shortcut`). A diffusion
     network (``parameterization="epsilon"``) denoises from Gaussian noise with ``"ddim"``
     (deterministic, eta = 0) or ancestral ``"ddpm"`` (``steps=1000``: every training step) in
     ``steps`` network evaluations. Either way the end state ``x`` maps to probabilities as
@@ -72,21 +77,29 @@ def predict_probs(
     # ancestral DDPM draws fresh noise at every step: one seed per sample and slice
     if diffusion and sampler == "ddpm":
         seeds = torch.stack([torch.randint(2**62, (images.shape[0],), generator=g) for g in gens])
-    field = EpsilonField(net) if diffusion else FlowField(net, parameterization, min_gap)
+    if diffusion:
+        field = EpsilonField(net)
+    else:
+        jump = 1.0 / steps if sampler == SHORTCUT else None
+        field = FlowField(net, parameterization, min_gap, step=jump)
+    # a plain UNet is deterministic unless it has dropout (Monte-Carlo dropout)
+    has_dropout = any(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    unet_draws = samples if has_dropout else 1
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device)
         rows = slice(start, start + x.shape[0])
         with autocast(device):
             if not net.cfg.flow:
-                draws = [torch.softmax(net(x).float(), dim=1)]
+                draws = [_unet_draw(net, x, seed + j, start) for j in range(unet_draws)]
             else:
                 cond = field.condition(x)  # once per batch, shared by every sample
                 draws = []
                 for j, z in enumerate(noise):
                     x_end = z[rows].to(device)
                     if not diffusion:
-                        end = SAMPLERS[sampler](field, x_end, cond, steps)
+                        # shortcut jumps are Euler steps of the jump-averaged velocity
+                        end = SAMPLERS.get(sampler, euler)(field, x_end, cond, steps)
                     elif sampler == "ddpm":
                         end = ddpm(field, x_end, cond, steps, noise=_per_slice(seeds[j, rows]))
                     else:
@@ -98,6 +111,24 @@ def predict_probs(
             out.append((sum(draws) / len(draws)).float().cpu())
     net.train(was_training)
     return torch.cat(out, dim=1 if per_sample else 0)
+
+
+def _unet_draw(net: SegNet, x: torch.Tensor, seed: int, start: int) -> torch.Tensor:
+    """Softmax of a plain UNet; with dropout in the network (the Monte-Carlo dropout
+    baseline) one draw of its dropout masks, seeded by ``seed`` and the batch's first row
+    (so a draw does not depend on the other samples, but does on the batch size)."""
+    dropouts = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    if not dropouts:
+        return torch.softmax(net(x).float(), dim=1)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed * 1_000_003 + start)
+        for m in dropouts:
+            m.train()
+        try:
+            return torch.softmax(net(x).float(), dim=1)
+        finally:
+            for m in dropouts:
+                m.eval()
 
 
 def _check_sampling(net: SegNet, sampler: str, steps: int, samples: int, diffusion: bool) -> None:
@@ -112,6 +143,13 @@ def _check_sampling(net: SegNet, sampler: str, steps: int, samples: int, diffusi
         if steps > NUM_TRAIN_STEPS:
             raise OptionError(
                 f"steps {steps}: a diffusion model has {NUM_TRAIN_STEPS} steps to sample"
+            )
+    elif sampler == SHORTCUT:
+        if not getattr(net.cfg, "step_input", False):
+            raise OptionError(
+                "sampler 'shortcut' needs a model trained with shortcut jumps "
+                "(medflow train --shortcut-fraction > 0); this model takes "
+                f"{' or '.join(repr(s) for s in SAMPLERS)}"
             )
     elif sampler in DIFFUSION_SAMPLERS:
         kind = "flow" if net.cfg.flow else "UNet"

@@ -21,6 +21,7 @@ import torch
 from medflow import __version__
 from medflow.data.datasets import check_dims, prepare_image
 from medflow.data.io import (
+    NIFTI_ENDINGS,
     PNG_ENDINGS,
     Geometry,
     Volume,
@@ -37,16 +38,30 @@ from medflow.flows.diffusion import EPSILON
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.distributed import Ranks, barrier, process_group
-from medflow.segmentation.inference import predict_probs
+from medflow.segmentation.inference import SHORTCUT, predict_probs
 from medflow.segmentation.runtime import configure_net, progress, resolve_device
 from medflow.uncertainty.fusion import FUSIONS, SampleStats
-from medflow.uncertainty.maps import MAPS, entropy_map, map_name, png_scale
+from medflow.uncertainty.maps import (
+    MAPS,
+    PROBABILITIES,
+    entropy_map,
+    map_name,
+    png_scale,
+    sample_name,
+)
 
 # written beside the masks by an uncertainty run: checkpoint, options, cases, version
 RECORD = "prediction.json"
 # steps when none are asked for: the flow's single evaluation; for the diffusion baseline
 # DDIM-50, the budget MedSegDiff's users run with a fast solver, and every DDPM step
-DEFAULT_STEPS = {"euler": 1, "heun": 1, "ddim": 50, "ddpm": 1000}
+DEFAULT_STEPS = {"euler": 1, "heun": 1, "shortcut": 1, "ddim": 50, "ddpm": 1000}
+# fill value and dtype outside the crop box of each native map of predict_uncertain
+FILL = {
+    "labels": (0, np.int16),
+    "conf": (1, np.float32),
+    "var": (0, np.float32),
+    "ent": (0, np.float32),
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,9 @@ class Prediction:
         samples: noise draws fused (1 for a plain UNet, which has no noise).
         box: the crop box in ``(X, Y, Z)`` that the network predicted; outside it every
             voxel is background by construction.
+        sample_labels: ``(S, X, Y, Z)`` every sample's own label map (int16), when kept.
+        probabilities: ``(X, Y, Z, K)`` the soft mask the labels were decoded from
+            (float32; background 1 outside the box), when the samples are kept.
     """
 
     labels: np.ndarray
@@ -109,6 +127,8 @@ class Prediction:
     entropy: np.ndarray
     samples: int
     box: tuple[slice, slice, slice]
+    sample_labels: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
 
 
 class Predictor:
@@ -207,30 +227,108 @@ class Predictor:
         )
         return self._paste(labels, box, image.geometry.shape, 0, np.int16)
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether samples differ: a flow or diffusion model, or a UNet with dropout."""
+        return bool(self.net_cfg.flow or self.net_cfg.dropout > 0)
+
+    @property
+    def posterior(self) -> bool:
+        """Whether the model draws posterior samples in one evaluation (shortcut jumps)."""
+        return bool(self.net_cfg.step_input)
+
+    def uncertain_options(self, options: SamplingOptions) -> tuple[SamplingOptions, bool]:
+        """The resolved options the samples of :meth:`predict_uncertain` are drawn with, and
+        whether the mask comes from a separate one-evaluation posterior mean: for a model
+        with shortcut jumps and ``sampler="auto"``, samples are one shortcut jump each (or
+        ``steps`` jumps) and the mean is one Euler step of the instantaneous field."""
+        if self.posterior and options.sampler == "auto":
+            steps = 1 if options.steps is None else options.steps
+            return self.sampling(dataclasses.replace(options, sampler=SHORTCUT, steps=steps)), True
+        return self.sampling(options), False
+
     def predict_uncertain(
-        self, image: Volume, options: SamplingOptions = SamplingOptions()
+        self,
+        image: Volume,
+        options: SamplingOptions = SamplingOptions(),
+        keep_samples: bool = False,
     ) -> Prediction:
         """Label map and uncertainty maps on the grid of ``image``.
 
-        Sample ``s`` of ``options.samples`` starts from the noise of seed ``options.seed + s``,
-        the same draws :meth:`predict_volume` averages, so with ``fusion="mean"`` the label
-        map equals :meth:`predict_volume`'s. A plain UNet has no noise: it is run once, and
-        its variance is 0.
+        Sample ``s`` of ``options.samples`` starts from the noise of seed ``options.seed + s``.
+        For a model with shortcut jumps and ``sampler="auto"`` the samples are posterior
+        samples (one evaluation each) and, with ``fusion="mean"``, the mask and its
+        confidence and entropy come from the one-evaluation posterior mean (the mask of
+        :meth:`predict_volume` with one sample); the variance is the samples' spread.
+        Otherwise the samples are the chosen sampler's draws, the same ones
+        :meth:`predict_volume` averages, so with ``fusion="mean"`` the label map equals its.
+        A plain UNet has no noise: it is run once, and its variance is 0.
+        With ``keep_samples`` every sample's own label map is kept as well.
         """
-        options = self.sampling(options)
+        sample_opts, separate_mean = self.uncertain_options(options)
         slices, box = prepare_image(image, self.prep)
-        stats = SampleStats()
-        for probs in self.probs(slices, options, per_sample=True):
+        in_plane, shape = self._in_plane(box), image.geometry.shape
+        stats, kept = SampleStats(), []
+        for probs in self.probs(slices, sample_opts, per_sample=True):
             stats.add(probs)
+            if keep_samples:
+                kept.append(self._native_labels(probs, box, shape, sample_opts.batch_size))
+        mean = stats.mean
+        if separate_mean:
+            one = dataclasses.replace(sample_opts, sampler="euler", steps=1, samples=1)
+            mean = self.probs(slices, one).to(torch.float64)
+        parts = self._native_maps(stats, mean, in_plane, sample_opts, keep_samples)
+        soft = parts.pop("probs", None)
+        paste = {k: self._paste(np.concatenate(v), box, shape, *FILL[k]) for k, v in parts.items()}
+        if soft is not None:
+            soft = np.concatenate(soft)  # (N, A, B, K); background is certain off the box
+            paste["probs"] = np.stack(
+                [
+                    self._paste(soft[..., c], box, shape, float(c == 0), np.float32)
+                    for c in range(soft.shape[-1])
+                ],
+                axis=-1,
+            )
+        return Prediction(
+            labels=paste["labels"],
+            confidence=paste["conf"],
+            variance=paste["var"],
+            entropy=paste["ent"],
+            samples=stats.count,
+            box=box,
+            sample_labels=np.stack(kept) if keep_samples else None,
+            probabilities=paste["probs"] if keep_samples else None,
+        )
+
+    def _native_labels(self, probs, box, shape, step: int) -> np.ndarray:
+        """One sample's label map on the native grid ``shape``."""
         in_plane = self._in_plane(box)
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "conf", "var", "ent")}
+        labels = [
+            resize_images(chunk, in_plane).argmax(1).numpy().astype(np.int16)
+            for chunk in probs.split(step)
+        ]
+        return self._paste(np.concatenate(labels), box, shape, 0, np.int16)
+
+    def _native_maps(
+        self,
+        stats: SampleStats,
+        mean: torch.Tensor,
+        in_plane,
+        options: SamplingOptions,
+        with_probs: bool,
+    ) -> dict[str, list[np.ndarray]]:
+        """Labels, confidence, variance, entropy (and, ``with_probs``, the soft mask
+        ``(N, A, B, K)``), chunk by chunk at native in-plane size (crop box only)."""
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in FILL}
+        if with_probs:
+            parts["probs"] = []
         step = options.batch_size
-        scores, mean, variance = stats.scores(options.fusion), stats.mean, stats.variance
+        scores, variance = stats.scores(options.fusion), stats.variance
         for start in range(0, mean.shape[0], step):
             part = slice(start, start + step)
             # entropy and confidence of the resized soft mask: the probabilities that decide
             # the label at each native voxel
-            probs = resize_images(mean[part], in_plane).clamp(0, 1)
+            probs = resize_images(mean[part].float(), in_plane).clamp(0, 1)
             probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
             if options.fusion == "mean":
                 labels = probs.argmax(1)
@@ -241,15 +339,9 @@ class Predictor:
             parts["ent"].append(entropy_map(probs).numpy())
             var = resize_images(variance[part][:, None], in_plane)[:, 0].clamp_min(0)
             parts["var"].append(var.numpy())
-        shape = image.geometry.shape
-        return Prediction(
-            labels=self._paste(np.concatenate(parts["labels"]), box, shape, 0, np.int16),
-            confidence=self._paste(np.concatenate(parts["conf"]), box, shape, 1, np.float32),
-            variance=self._paste(np.concatenate(parts["var"]), box, shape, 0, np.float32),
-            entropy=self._paste(np.concatenate(parts["ent"]), box, shape, 0, np.float32),
-            samples=stats.count,
-            box=box,
-        )
+            if with_probs:
+                parts["probs"].append(probs.movedim(1, -1).numpy().astype(np.float32))
+        return parts
 
     def _in_plane(self, box: tuple[slice, slice, slice]) -> tuple[int, int]:
         crop_shape = tuple(s.stop - s.start for s in box)
@@ -279,6 +371,30 @@ def map_paths(case: Case, out_dir: Path) -> list[Path]:
     return [out_dir / map_name(case.case_id, kind, ending) for kind in MAPS]
 
 
+def sample_paths(case: Case, out_dir: Path, samples: int) -> list[Path]:
+    """Where ``--save-samples`` writes a case's sample label maps, then its soft mask
+    (``<case>_probabilities``: NIfTI for NIfTI input, else a float TIFF of K pages)."""
+    ending = file_ending(case.images[0])
+    soft = ending if ending in NIFTI_ENDINGS else ".tif"
+    return [out_dir / sample_name(case.case_id, j, ending) for j in range(samples)] + [
+        out_dir / f"{case.case_id}_{PROBABILITIES}{soft}"
+    ]
+
+
+def write_probabilities(path: Path, probs: np.ndarray, geometry: Geometry) -> Path:
+    """Write a soft mask ``(X, Y, Z, K)`` as float32: a 4D NIfTI on the input's affine, or
+    a TIFF with one page per class (2D inputs)."""
+    if file_ending(path) in NIFTI_ENDINGS:
+        import nibabel as nib
+
+        img = nib.Nifti1Image(probs.astype(np.float32), geometry.affine)
+        return atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+    import tifffile
+
+    pages = np.moveaxis(probs[:, :, 0, :].astype(np.float32), -1, 0)
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, pages))
+
+
 def predict_folder(
     checkpoint: str | Path,
     inputs: str | Path,
@@ -291,6 +407,7 @@ def predict_folder(
     uncertainty: bool = False,
     channels_last: bool = True,
     compile: bool = False,
+    save_samples: bool = False,
 ) -> list[Path]:
     """Predict every case found at ``inputs`` (a file or a folder) into ``out_dir``.
 
@@ -315,15 +432,22 @@ def predict_folder(
 
     ``channels_last`` and ``compile`` set up the network as :class:`Predictor` does.
 
+    With ``save_samples`` (which implies ``uncertainty``) every sample's label map and the
+    soft mask the labels come from are written too (:func:`sample_paths`), for
+    ``medflow evaluate --raters``.
+
     Returns:
         The paths of the masks (not of the maps), in case order.
     """
     predictor = Predictor(checkpoint, device, channels_last=channels_last, compile=compile)
+    uncertainty = uncertainty or save_samples
     ranks = Ranks.from_env()
     cases = find_cases(inputs, None, len(predictor.channel_names))
     out_dir = Path(out_dir)
     targets = [output_path(c, out_dir) for c in cases]
-    maps = {c.case_id: map_paths(c, out_dir) for c in cases}
+    drawn = options.samples if predictor.stochastic else 1
+    kept = {c.case_id: sample_paths(c, out_dir, drawn) if save_samples else [] for c in cases}
+    maps = {c.case_id: map_paths(c, out_dir) + kept[c.case_id] for c in cases}
     # a map left beside a case's mask by an earlier run is an output of that case either way:
     # replaced with --uncertainty, removed without it, never touched without --force
     outputs = targets + [p for c in cases for p in maps[c.case_id]]
@@ -350,13 +474,15 @@ def predict_folder(
             ):
                 volume = _read_checked(case, predictor)
                 if uncertainty or options.fusion != "mean":
-                    pred = predictor.predict_uncertain(volume, options)
+                    pred = predictor.predict_uncertain(volume, options, keep_samples=save_samples)
                     _write_staged(stage, target, pred.labels, volume.geometry)
                     k = predictor.net_cfg.num_classes
                     for path, kind in zip(maps[case.case_id] if uncertainty else [], MAPS):
                         _write_map_staged(
                             stage, path, getattr(pred, kind), volume.geometry, kind, k
                         )
+                    if save_samples:
+                        _write_samples_staged(stage, kept[case.case_id], pred, volume.geometry)
                 else:
                     labels = predictor.predict_volume(volume, options)
                     _write_staged(stage, target, labels, volume.geometry)
@@ -373,16 +499,33 @@ def predict_folder(
     return targets if ranks.active else written
 
 
+def _write_samples_staged(
+    stage: Path, paths: list[Path], pred: Prediction, geometry: Geometry
+) -> None:
+    *sample_targets, soft = paths
+    for target, labels in zip(sample_targets, pred.sample_labels, strict=True):
+        _write_staged(stage, target, labels, geometry)
+    try:
+        write_probabilities(stage / soft.name, pred.probabilities, geometry)
+    except OSError as exc:
+        raise DataError(soft, f"cannot be written: {exc.strerror or exc}") from exc
+
+
 def _write_record(
     path: Path, predictor: Predictor, options: SamplingOptions, cases: list[Case]
 ) -> None:
     import json
 
+    sample_opts, separate_mean = predictor.uncertain_options(options)
     record = {
         "model": str(predictor.path.resolve()),
         "flow": bool(predictor.net_cfg.flow),
-        "options": dataclasses.asdict(predictor.sampling(options)),
-        "samples_drawn": options.samples if predictor.net_cfg.flow else 1,
+        "options": dataclasses.asdict(sample_opts),
+        # the mask's source: the one-evaluation posterior mean, or the samples fused
+        "mask": (
+            "posterior mean (one Euler step)" if separate_mean else f"{options.fusion} of samples"
+        ),
+        "samples_drawn": options.samples if predictor.stochastic else 1,
         "maps": list(MAPS),
         "labels": predictor.labels,
         "cases": [c.case_id for c in cases],

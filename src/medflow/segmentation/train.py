@@ -43,8 +43,15 @@ from medflow.data.transforms import Preprocessing, augment_batch
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.flows.diffusion import DiffusionSchedule, network_time, q_sample
 from medflow.flows.encoding import mask_to_flow
-from medflow.flows.losses import MedFlowSegLoss, epsilon_loss
-from medflow.flows.paths import LinearPath, sample_time
+from medflow.flows.losses import LossTerms, MedFlowSegLoss, epsilon_loss
+from medflow.flows.parameterization import FlowField
+from medflow.flows.paths import LinearPath, PathSample, sample_time
+from medflow.flows.shortcut import (
+    ShortcutDraw,
+    consistency_target,
+    sample_jumps,
+    shortcut_loss,
+)
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from medflow.segmentation.config import TrainConfig
@@ -92,6 +99,8 @@ def build_net(cfg: TrainConfig, in_channels: int, num_classes: int) -> SegNet:
             dbsa=cfg.dbsa,
             faa=cfg.faa,
             image_branch=cfg.image_branch,
+            step_input=cfg.shortcut_fraction > 0,
+            dropout=cfg.dropout,
         )
     )
 
@@ -221,6 +230,7 @@ class _Run:
             "loss",
             "flow_loss",
             "seg_loss",
+            "shortcut_loss",
             "val_dice",
             *[f"val_dice_{n}" for n in self.class_names],
             "seconds",
@@ -262,33 +272,71 @@ class _Run:
             return epsilon_loss(
                 self.model(x_t, network_time(i, self.schedule.num_steps), images), x0
             )
+        t, d = self._times(x1.shape[0])
+        x0, x1, t, d, images, masks = (v[part] for v in (x0, x1, t, d, images, masks))
+        sample = self.path.sample(x0, x1, t)
+        if not self.net.cfg.step_input:
+            return self.loss_fn(self.model(sample.x_t, t, images), sample, x1, masks)
+        logits = self.model(sample.x_t, t, images, step=d)
+        return self._with_shortcut(logits, sample, x1, masks, images, d)
+
+    def _times(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training times and jump sizes ``(B,)``: the first rows at jump 0 (flow matching,
+        the configured time schedule), the last ``shortcut_fraction`` of the batch on the
+        shortcut grid (:func:`medflow.flows.shortcut.sample_jumps`)."""
+        cfg = self.cfg
+        n_jump = round(cfg.shortcut_fraction * batch) if self.net.cfg.step_input else 0
         t = sample_time(
-            x1.shape[0],
+            batch - n_jump,
             cfg.time_schedule,
             loc=cfg.time_loc,
             scale=cfg.time_scale,
             zero_fraction=cfg.time_zero_fraction,
             generator=self.gen,
-        ).to(self.dev)
-        x0, x1, t, images, masks = x0[part], x1[part], t[part], images[part], masks[part]
-        sample = self.path.sample(x0, x1, t)
-        return self.loss_fn(self.model(sample.x_t, t, images), sample, x1, masks)
+        )
+        d = torch.zeros(batch - n_jump)
+        if n_jump:
+            draw = sample_jumps(n_jump, cfg.shortcut_max_steps, self.gen)
+            t, d = torch.cat([t, draw.t]), torch.cat([d, draw.d])
+        return t.to(self.dev), d.to(self.dev)
+
+    def _with_shortcut(self, logits, sample: PathSample, x1, masks, images, d) -> LossTerms:
+        """Flow matching + segmentation loss on the rows at jump 0, shortcut
+        self-consistency on the others; each part a mean over its own rows."""
+        flat, jump = d == 0, d > 0
+        zero = logits.sum() * 0.0  # a part with no rows on this rank adds nothing
+        terms = LossTerms(zero, zero, zero)
+        if bool(flat.any()):
+            part = PathSample(sample.x_t[flat], sample.dx_t[flat], sample.t[flat])
+            terms = self.loss_fn(logits[flat], part, x1[flat], masks[flat])
+        sc = zero
+        if bool(jump.any()):
+            field = FlowField(self.net, self.cfg.parameterization, self.cfg.min_gap)
+            cond = field.condition(images[jump])
+            x_t, t = sample.x_t[jump], sample.t[jump]
+            target = consistency_target(
+                lambda x, tt, dd: field.jump(x, tt, dd, cond),
+                x_t,
+                ShortcutDraw(t=t, d=d[jump]),
+                self.cfg.shortcut_max_steps,
+            )
+            sc = shortcut_loss(logits[jump], x_t, t, target)
+        return LossTerms(terms.total + sc, terms.flow, terms.seg, sc)
 
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
         cfg = self.cfg
         idx = torch.randint(len(self.train_set), (cfg.batch_size,), generator=self.gen)
         images = self.train_set.images[idx].to(self.dev)
-        masks = self.train_set.masks[idx].to(self.dev)
+        # with several annotations per case, one rater's at random per row
+        masks = self.train_set.draw_masks(idx, self.gen).to(self.dev)
         if cfg.augment:
             images, masks = augment_batch(images, masks, self.k, self.gen)
         with autocast(self.dev):
             terms = self.losses(images, masks)
         # the global batch's loss terms (the mean of the ranks'), so that every rank sees the
         # same value and a divergence stops all of them together
-        total, flow, seg = mean_over_ranks(
-            torch.stack([terms.total, terms.flow, terms.seg]).detach()
-        ).tolist()
+        total, flow, seg, shortcut = mean_over_ranks(terms.parts()).tolist()
         if not math.isfinite(total):
             last = self.out / LAST
             raise MedflowError(
@@ -309,6 +357,7 @@ class _Run:
             "loss": total,
             "flow_loss": flow,
             "seg_loss": seg,
+            "shortcut_loss": shortcut,
         }
 
     def validate(self, done: int) -> dict:
