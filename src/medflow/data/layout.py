@@ -431,36 +431,49 @@ def _label_files(folder: Path, ending: str) -> dict[str, Path]:
 def _with_raters(
     cases: tuple[Case, ...], folder: Path, labels_dir: Path, ending: str
 ) -> tuple[Case, ...]:
-    """``cases`` with their annotations from ``folder`` (``ratersTr``/``ratersTs``): every
-    labelled case must have raters ``01..R-1``, the same ``R`` for all; unchanged where
-    ``folder`` holds no rater files."""
-    found = _rater_files(folder, ending)
+    """``cases`` with their annotations from ``folder`` (``ratersTr``/``ratersTs``), see
+    :func:`rater_annotations`; unchanged where ``folder`` holds no rater files."""
+    labelled = {c.case_id: c.label for c in cases if c.label is not None}
+    found = rater_annotations(labelled, folder, labels_dir, ending)
     if not found:
         return cases
-    labelled = {c.case_id for c in cases if c.label is not None}
+    return tuple(replace(c, raters=found[c.case_id]) if c.label else c for c in cases)
+
+
+def rater_annotations(
+    labels: dict[str, Path], folder: Path, labels_dir: Path, ending: str
+) -> dict[str, tuple[Path, ...]]:
+    """Every annotation of each case of ``labels`` (case id -> label map, rater 0), rater 0
+    first, then ``folder/{case}_rater01{ending}`` ...; empty where ``folder`` holds no rater
+    files. The one reader of the raters layout, for training and for evaluation.
+
+    Raises:
+        DataError: a rater file is misnamed, numbered 00 or twice, names a case without a
+            label in ``labels_dir``, or a case lacks raters that another case has.
+    """
+    found = _rater_files(folder, ending)
+    if not found:
+        return {}
     for case_id, files in found.items():
-        if case_id not in labelled:
+        if case_id not in labels:
             expected = labels_dir / f"{case_id}{ending}"
             raise DataError(
                 files[min(files)], f"rater annotation has no label; expected {expected} (rater 0)"
             )
     count = max(max(files) for files in found.values())
-    out = []
-    for case in cases:
-        if case.label is None:
-            out.append(case)
-            continue
-        files = found.get(case.case_id, {})
+    out = {}
+    for case_id, label in labels.items():
+        files = found.get(case_id, {})
         missing = [i for i in range(1, count + 1) if i not in files]
         if missing:
             raise DataError(
-                folder / f"{case.case_id}_rater{missing[0]:02d}{ending}",
-                f"not found: case '{case.case_id}' has {len(files) + 1} annotation(s), but "
+                folder / f"{case_id}_rater{missing[0]:02d}{ending}",
+                f"not found: case '{case_id}' has {len(files) + 1} annotation(s), but "
                 f"{folder.name} holds rater01..rater{count:02d} for other cases; every case "
                 "needs the same raters",
             )
-        out.append(replace(case, raters=(case.label, *(files[i] for i in range(1, count + 1)))))
-    return tuple(out)
+        out[case_id] = (label, *(files[i] for i in range(1, count + 1)))
+    return out
 
 
 def _rater_files(folder: Path, ending: str) -> dict[str, dict[int, Path]]:

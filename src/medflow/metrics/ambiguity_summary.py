@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medflow.data.io import file_ending, read_image, read_label, staged_outputs
+from medflow.data.layout import rater_annotations
 from medflow.errors import DataError, OptionError, OutputExistsError
 from medflow.metrics import ambiguity as amb
 from medflow.metrics.overlap import confusion, dice
@@ -54,7 +54,6 @@ POLICY = (
 )
 # a fused soft mask's classes must sum to 1; float32 averages of softmaxes stay far closer
 _SUM_TOL = 1e-3
-_RATER = re.compile(r"(?P<case>.+)_rater(?P<index>[0-9]{2})")
 
 
 def _files_by_name(folder: Path) -> dict[str, Path]:
@@ -115,36 +114,24 @@ def _same_count(
 
 def rater_files(dataset_root: str | Path, split: str = "Ts") -> dict[str, tuple[Path, ...]]:
     """Every case's annotations, rater 0 (``labels<split>/<case>``) first, then
-    ``raters<split>/<case>_rater01`` ... in order.
+    ``raters<split>/<case>_rater01`` ... in order (read by the layout's one reader,
+    :func:`medflow.data.layout.rater_annotations`).
 
     Raises:
-        DataError: ``labels<split>`` is missing or empty, ``raters<split>`` is missing, a
-            rater file names no case of ``labels<split>`` or is numbered 00, the numbers of a
-            case have a gap, or the cases have different numbers of raters.
+        DataError: ``labels<split>`` is missing or empty, ``raters<split>`` is missing or
+            empty, or the rater files break the layout (misnamed, numbered 00, a gap, a case
+            with other raters than the rest, a rater without a label).
     """
     root = Path(dataset_root)
     labels = _label_files(root / f"labels{split}", "reference")
     folder = root / f"raters{split}"
     if not folder.is_dir():
         raise DataError(folder, "folder not found; expected <case>_rater01<ending> files there")
-    by_case: dict[str, dict[int, Path]] = {case: {} for case in labels}
-    for stem, path in _files_by_name(folder).items():
-        m = _RATER.fullmatch(stem)
-        if m is None or m["case"] not in labels:
-            raise DataError(path, f"names no case of {root / f'labels{split}'}")
-        if m["index"] == "00":
-            raise DataError(path, f"rater 0 is {labels[m['case']]}; number the others from 01")
-        by_case[m["case"]][int(m["index"])] = path
-
-    def name(case: str, i: int) -> str:
-        return f"{case}_rater{i:02d}{file_ending(labels[case])}"
-
-    others = {
-        c: _numbered(ix, 1, folder, lambda i, c=c: name(c, i), c, "raters")
-        for c, ix in by_case.items()
-    }
-    _same_count(others, folder, name, f"files in {folder.name}", 1)
-    return {case: (labels[case], *others[case]) for case in sorted(labels)}
+    ending = file_ending(next(iter(labels.values())))
+    found = rater_annotations(dict(sorted(labels.items())), folder, root / f"labels{split}", ending)
+    if not found:
+        raise DataError(folder, f"holds no rater files; expected <case>_rater01{ending}")
+    return found
 
 
 def _prediction_extras(pred_dir: Path, masks: dict[str, Path]) -> tuple[dict, dict]:
