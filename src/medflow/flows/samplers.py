@@ -24,12 +24,7 @@ def _times(steps: int, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def euler(velocity: Velocity, x0: torch.Tensor, cond: Any = None, steps: int = 1) -> torch.Tensor:
     """Explicit Euler with ``steps`` uniform steps; ``steps`` network evaluations."""
-    ts = _times(steps, x0.device)
-    x = x0
-    for i in range(steps):
-        t, dt = ts[i], ts[i + 1] - ts[i]
-        x = x + dt * velocity(x, t.expand(x.shape[0]), cond)
-    return x
+    return _euler_loop(velocity, x0, cond, steps, checkpoint=False, on_step=None)
 
 
 @torch.no_grad()
@@ -71,6 +66,19 @@ def euler_with_grad(
     instead of stored, so memory grows with the state, not with ``steps`` network graphs.
     ``on_step(x, t, v)``, if given, sees every state, time and velocity (with their graph).
     """
+    return _euler_loop(velocity, x0, cond, steps, checkpoint=checkpoint, on_step=on_step)
+
+
+def _euler_loop(
+    velocity: Velocity,
+    x0: torch.Tensor,
+    cond: Any,
+    steps: int,
+    *,
+    checkpoint: bool,
+    on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None,
+) -> torch.Tensor:
+    """The one Euler loop of :func:`euler` (under no_grad) and :func:`euler_with_grad`."""
     ts = _times(steps, x0.device)
     x = x0
     for i in range(steps):
