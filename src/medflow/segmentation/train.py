@@ -280,12 +280,16 @@ class _Run:
         logits = self.model(sample.x_t, t, images, step=d)
         return self._with_shortcut(logits, sample, x1, masks, images, d)
 
+    def _jump_rows(self, batch: int) -> int:
+        """Rows of a global batch of ``batch`` trained on shortcut jumps (the last ones)."""
+        return round(self.cfg.shortcut_fraction * batch) if self.net.cfg.step_input else 0
+
     def _times(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training times and jump sizes ``(B,)``: the first rows at jump 0 (flow matching,
         the configured time schedule), the last ``shortcut_fraction`` of the batch on the
         shortcut grid (:func:`medflow.flows.shortcut.sample_jumps`)."""
         cfg = self.cfg
-        n_jump = round(cfg.shortcut_fraction * batch) if self.net.cfg.step_input else 0
+        n_jump = self._jump_rows(batch)
         t = sample_time(
             batch - n_jump,
             cfg.time_schedule,
@@ -302,14 +306,22 @@ class _Run:
 
     def _with_shortcut(self, logits, sample: PathSample, x1, masks, images, d) -> LossTerms:
         """Flow matching + segmentation loss on the rows at jump 0, shortcut
-        self-consistency on the others; each part a mean over its own rows."""
+        self-consistency on the others, each squared-error term a mean over its rows of the
+        whole (global) batch: this rank's sum over its rows divided by its share of them, so
+        the mean of the ranks' losses under DDP is exactly the one-process loss, whichever
+        rank holds the jump rows (in one process each term is the plain mean of its rows).
+        The segmentation term is the loss function's own, over this rank's rows at jump 0."""
         flat, jump = d == 0, d > 0
+        n_jump = self._jump_rows(self.cfg.batch_size)
+        # expected share of the global batch per row of this rank, for each kind of row
+        glob = {"flat": 1.0 - n_jump / self.cfg.batch_size, "jump": n_jump / self.cfg.batch_size}
         zero = logits.sum() * 0.0  # a part with no rows on this rank adds nothing
-        terms = LossTerms(zero, zero, zero)
+        flow, seg, sc = zero, zero, zero
         if bool(flat.any()):
             part = PathSample(sample.x_t[flat], sample.dx_t[flat], sample.t[flat])
             terms = self.loss_fn(logits[flat], part, x1[flat], masks[flat])
-        sc = zero
+            flow = terms.flow * (int(flat.sum()) / d.shape[0]) / glob["flat"]
+            seg = terms.seg
         if bool(jump.any()):
             field = FlowField(self.net, self.cfg.parameterization, self.cfg.min_gap)
             cond = field.condition(images[jump])
@@ -321,7 +333,9 @@ class _Run:
                 self.cfg.shortcut_max_steps,
             )
             sc = shortcut_loss(logits[jump], x_t, t, target)
-        return LossTerms(terms.total + sc, terms.flow, terms.seg, sc)
+            sc = sc * (int(jump.sum()) / d.shape[0]) / glob["jump"]
+        total = self.cfg.flow_weight * flow + self.cfg.seg_weight * seg + sc
+        return LossTerms(total, flow, seg, sc)
 
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
