@@ -316,11 +316,14 @@ class _Run:
         # expected share of the global batch per row of this rank, for each kind of row
         glob = {"flat": 1.0 - n_jump / self.cfg.batch_size, "jump": n_jump / self.cfg.batch_size}
         zero = logits.sum() * 0.0  # a part with no rows on this rank adds nothing
-        flow, seg, sc = zero, zero, zero
+        flat_total, flow, seg, sc = zero, zero, zero, zero
         if bool(flat.any()):
             part = PathSample(sample.x_t[flat], sample.dx_t[flat], sample.t[flat])
             terms = self.loss_fn(logits[flat], part, x1[flat], masks[flat])
             flow = terms.flow * (int(flat.sum()) / d.shape[0]) / glob["flat"]
+            # the loss function's own total, corrected for the flow term's new weight (a
+            # non-finite total, a diverged run, stays non-finite)
+            flat_total = terms.total + self.cfg.flow_weight * (flow - terms.flow)
             seg = terms.seg
         if bool(jump.any()):
             field = FlowField(self.net, self.cfg.parameterization, self.cfg.min_gap)
@@ -334,8 +337,7 @@ class _Run:
             )
             sc = shortcut_loss(logits[jump], x_t, t, target)
             sc = sc * (int(jump.sum()) / d.shape[0]) / glob["jump"]
-        total = self.cfg.flow_weight * flow + self.cfg.seg_weight * seg + sc
-        return LossTerms(total, flow, seg, sc)
+        return LossTerms(flat_total + sc, flow, seg, sc)
 
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
