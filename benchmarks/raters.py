@@ -10,7 +10,8 @@ raters against the raters: what a perfect model would score with the same S.
     .venv/bin/python benchmarks/raters.py --out benchmarks/results/raters
 
 runs both correlation lengths (2 mm and 8 mm) and writes ``raters.json``, ``raters.md`` and
-``raters_samples.png`` into ``--out`` (run folders and datasets under ``--work``).
+``raters_samples_{2,8}mm.png`` into ``--out`` (run folders and datasets under ``--work``);
+``--seeds 0 1 2`` repeats every arm over training seeds and the tables show the spread.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Setup:
     correlation_mm: float
     raters: int = 8
     size: int = 64
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16
     seed: int = 0
     threads: int = 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     per_step = {name: statistics.median(v) for name, v in seconds.items()}
     ratio = per_step["shortcut 0.25 (default)"] / per_step["no shortcut"]
     record = {
-        "command": "benchmarks/shortcut_cost.py " + " ".join(argv or []),
+        "command": "benchmarks/shortcut_cost.py " + " ".join(argv or sys.argv[1:]),
         "machine": machine_info(),
         "size": args.size,
         "batch_size": TrainConfig().batch_size,

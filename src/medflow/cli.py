@@ -485,6 +485,11 @@ def _predict(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             name = "--" + flag.replace("_", "-")
             raise MedflowError(f"{name} {getattr(args, flag)}: must be at least 1")
+    if args.save_samples and args.samples > 100:
+        raise MedflowError(
+            f"--samples {args.samples}: --save-samples writes at most 100 samples per case "
+            "(<case>_sample00 .. _sample99)"
+        )
     configure_threads(args.threads)
     options = SamplingOptions(
         steps=args.steps,

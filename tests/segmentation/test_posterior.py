@@ -88,7 +88,12 @@ def test_uncertain_prediction_keeps_the_mean_mask_and_the_samples_spread(toy, tm
     volume = read_image([root / "imagesTr" / "c00_0000.png"])
     options = SamplingOptions(samples=6)
     pred = predictor.predict_uncertain(volume, options, keep_samples=True)
-    assert np.array_equal(pred.labels, predictor.predict_volume(volume, SamplingOptions()))
+    # maps or not, the same mask: the one-evaluation posterior mean, whatever --samples
+    assert np.array_equal(pred.labels, predictor.predict_volume(volume, options))
+    mean = predictor.probs(
+        prepare_image(volume, predictor.prep)[0], SamplingOptions(sampler="euler", steps=1)
+    )
+    assert np.array_equal(pred.labels[:, :, 0], mean.argmax(1)[0].numpy())
     assert pred.sample_labels.shape == (6, SIZE, SIZE, 1)
     assert np.allclose(pred.probabilities.sum(-1), 1.0, atol=1e-5)
     if informative:
@@ -102,9 +107,34 @@ def test_uncertain_prediction_keeps_the_mean_mask_and_the_samples_spread(toy, tm
     names = sorted(p.name for p in (tmp_path / "p").iterdir())
     assert [p.name for p in out] == ["c00.png"]
     assert [f"c00_sample{j:02d}.png" for j in range(6)] == [n for n in names if "_sample" in n]
-    assert {"c00_probabilities.tif", "c00_variance.png", "prediction.json"} <= set(names)
+    assert {"c00_probabilities.nii.gz", "c00_variance.png", "prediction.json"} <= set(names)
     saved = np.asarray(Image.open(tmp_path / "p" / "c00_sample03.png"))
     assert np.array_equal(saved, pred.sample_labels[3][:, :, 0])
+    soft = read_image([tmp_path / "p" / "c00_probabilities.nii.gz"]).array  # (K, X, Y, 1)
+    assert soft.shape == (2, SIZE, SIZE, 1)
+    assert np.allclose(np.moveaxis(soft, 0, -1), pred.probabilities, atol=1e-6)
+    _rerun_keeps_no_stale_samples(predictor, root, tmp_path / "p")
+
+
+def _rerun_keeps_no_stale_samples(predictor, root, out):
+    from medflow.errors import OutputExistsError
+
+    image = root / "imagesTr" / "c00_0000.png"
+
+    def again(**kw):
+        predict_folder(predictor.path, image, out, device="cpu", quiet=True, **kw)
+
+    with pytest.raises(OutputExistsError, match="c00"):
+        again(options=SamplingOptions(samples=3), save_samples=True)
+    # fewer samples with --force: the earlier run's sample03..05 would be scored otherwise
+    again(options=SamplingOptions(samples=3), save_samples=True, force=True)
+    assert sorted(p.name for p in out.glob("c00_sample*")) == [
+        f"c00_sample{j:02d}.png" for j in range(3)
+    ]
+    # maps without samples: every sample and the soft mask go, the maps stay
+    again(options=SamplingOptions(samples=3), uncertainty=True, force=True)
+    assert not list(out.glob("c00_sample*")) and not list(out.glob("c00_probabilities*"))
+    assert (out / "c00_variance.png").exists()
 
 
 def test_cli_refuses_shortcut_for_a_model_without_jumps(tmp_path, capsys):
@@ -134,8 +164,36 @@ def test_mc_dropout_unet_draws_differ_and_a_plain_unet_draws_once():
     plain = SegNet(NetConfig(1, 3, channels=(8, 16), flow=False))
     assert predict_probs(plain, images, samples=4, per_sample=True).shape[0] == 1
     mc = SegNet(NetConfig(1, 3, channels=(8, 16), flow=False, dropout=0.3)).eval()
+    one = predict_probs(mc, images, samples=1)  # one sample: the network as trained
+    with torch.no_grad():
+        assert torch.allclose(one, torch.softmax(mc(images), 1), atol=1e-6)
     draws = predict_probs(mc, images, samples=4, per_sample=True)
     assert draws.shape[0] == 4 and not torch.allclose(draws[0], draws[1])
     again = predict_probs(mc, images, samples=4, per_sample=True)
     assert torch.equal(draws, again)  # seeded: the same draws every call
     assert all(not m.training for m in mc.modules())  # dropout off again afterwards
+
+
+def test_shortcut_steps_must_be_trained_jump_sizes(toy):
+    from medflow.errors import OptionError
+
+    _, _, predictor, slices = toy
+    with pytest.raises(OptionError, match="steps 3: .* power of 2"):
+        predictor.probs(slices, SamplingOptions(sampler="shortcut", steps=3))
+    # at the distilled ODE's own step count, jumps that small were never trained: the
+    # sampler takes the instantaneous field's Euler steps
+    ode = predictor.probs(slices, SamplingOptions(sampler="euler", steps=8, samples=2))
+    eight = predictor.probs(slices, SamplingOptions(sampler="shortcut", steps=8, samples=2))
+    assert torch.equal(ode, eight)
+    four = predictor.probs(slices, SamplingOptions(sampler="shortcut", steps=4, samples=2))
+    assert not torch.equal(four, eight)
+
+
+def test_save_samples_refuses_more_than_the_names_hold(tmp_path, capsys):
+    from medflow.cli import main
+
+    argv = ["predict", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path)]
+    code = main([*argv, "--out", str(tmp_path / "p"), "--samples", "101", "--save-samples"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "at most 100 samples" in err
+    assert not (tmp_path / "p").exists()

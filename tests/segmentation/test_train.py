@@ -149,3 +149,39 @@ def test_naive_velocity_flow_is_available_for_comparison(tiny_dataset, tmp_path)
     assert Predictor(result.final_checkpoint, device="cpu").parameterization == "velocity"
     rows = list(csv.DictReader((tmp_path / "n" / "log.csv").read_text().splitlines()))
     assert all(float(r["seg_loss"]) == 0.0 for r in rows)
+
+
+def test_a_run_stored_before_shortcut_jumps_existed_resumes_without_them(tiny_dataset, tmp_path):
+    from medflow.segmentation.checkpoint import save_checkpoint
+
+    run = tmp_path / "old"
+    cfg = TrainConfig(**{**TINY, "steps": 4, "checkpoint_every": 2, "shortcut_fraction": 0.0})
+    with pytest.raises(KeyboardInterrupt):
+        _stop_after(2, lambda: train(tiny_dataset, run, cfg, quiet=True))
+    # what a checkpoint written before the fields existed holds
+    state = load_checkpoint(run / "checkpoint_last.pt")
+    for key in ("shortcut_fraction", "shortcut_max_steps", "dropout"):
+        state["config"].pop(key)
+    for key in ("step_input", "dropout"):
+        state["net"].pop(key)
+    save_checkpoint(run / "checkpoint_last.pt", state)
+    assert TrainConfig.from_dict(state["config"]).shortcut_fraction == 0.0
+    result = train(tiny_dataset, run, TrainConfig(**TINY), resume=True, quiet=True)
+    final = load_checkpoint(result.final_checkpoint)
+    assert final["step"] == 4 and final["net"]["step_input"] is False
+
+
+def _stop_after(steps: int, run):
+    """Run ``run()`` with training interrupted after ``steps`` optimiser steps."""
+    import medflow.segmentation.train as train_module
+
+    real = train_module.ema_update
+
+    def update(*args, **kwargs):
+        if args[3] >= steps:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "ema_update", update)
+        run()

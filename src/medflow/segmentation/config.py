@@ -15,6 +15,8 @@ from medflow.flows.losses import WEIGHTINGS
 from medflow.flows.parameterization import PARAMETERIZATIONS
 
 MODELS = ("medflowseg", "unet", "diffusion")
+# what a stored config that lacks these fields was trained with
+PRE_FIELD_DEFAULTS = {"shortcut_fraction": 0.0}
 TIME_SCHEDULES = ("uniform", "logit_normal")
 
 
@@ -157,6 +159,10 @@ class TrainConfig:
                 and not self.shortcut_max_steps & (self.shortcut_max_steps - 1),
                 "shortcut_max_steps must be a power of 2 >= 2",
             ),
+            (
+                self.shortcut_fraction == 0 or self.min_gap < 2 / self.shortcut_max_steps,
+                "min_gap must be below the smallest trained jump 2 / shortcut_max_steps",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -181,4 +187,8 @@ class TrainConfig:
         d = dict(d)
         if "channels" in d:
             d["channels"] = tuple(d["channels"])
+        # a config stored before a field existed was trained without it: take the old
+        # behaviour, not today's default (a resumed pre-shortcut run must rebuild the same
+        # network)
+        d = {**PRE_FIELD_DEFAULTS, **d}
         return cls(**d)

@@ -37,6 +37,7 @@ def predict_probs(
     parameterization: str = "endpoint",
     min_gap: float = 0.05,
     per_sample: bool = False,
+    shortcut_max_steps: int = 8,
 ) -> torch.Tensor:
     """Class probabilities ``(N, K, H, W)`` (float32, on CPU) for slices ``(N, C, H, W)``;
     with ``per_sample`` each sample's own, ``(S, N, K, H, W)``, not averaged (a plain UNet
@@ -46,7 +47,10 @@ def predict_probs(
     for ``steps`` steps (one Euler step, one network evaluation, by default): from the same
     noise, one step lands on the posterior mean. ``"shortcut"`` (a network trained with
     shortcut jumps, ``net.cfg.step_input``) takes ``steps`` jumps of size ``1 / steps``:
-    one evaluation per posterior *sample* (:mod:`medflow.flows.shortcut`). A diffusion
+    one evaluation per posterior *sample* (:mod:`medflow.flows.shortcut`). Its ``steps``
+    must be a power of 2; from the model's ``shortcut_max_steps`` on, jumps that small were
+    never trained and the sampler takes Euler steps of the instantaneous field instead (the
+    ODE the jumps distil). A diffusion
     network (``parameterization="epsilon"``) denoises from Gaussian noise with ``"ddim"``
     (deterministic, eta = 0) or ancestral ``"ddpm"`` (``steps=1000``: every training step) in
     ``steps`` network evaluations. Either way the end state ``x`` maps to probabilities as
@@ -80,18 +84,19 @@ def predict_probs(
     if diffusion:
         field = EpsilonField(net)
     else:
-        jump = 1.0 / steps if sampler == SHORTCUT else None
+        jump = 1.0 / steps if sampler == SHORTCUT and steps < shortcut_max_steps else None
         field = FlowField(net, parameterization, min_gap, step=jump)
-    # a plain UNet is deterministic unless it has dropout (Monte-Carlo dropout)
-    has_dropout = any(isinstance(m, torch.nn.Dropout) for m in net.modules())
-    unet_draws = samples if has_dropout else 1
+    # a plain UNet is deterministic unless it has dropout and more than one sample is asked
+    # for (Monte-Carlo dropout); one sample (validation, a plain predict) runs it as trained
+    mc_dropout = samples > 1 and any(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    unet_draws = samples if mc_dropout else 1
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device)
         rows = slice(start, start + x.shape[0])
         with autocast(device):
             if not net.cfg.flow:
-                draws = [_unet_draw(net, x, seed + j, start) for j in range(unet_draws)]
+                draws = [_unet_draw(net, x, seed + j, start, mc_dropout) for j in range(unet_draws)]
             else:
                 cond = field.condition(x)  # once per batch, shared by every sample
                 draws = []
@@ -113,12 +118,14 @@ def predict_probs(
     return torch.cat(out, dim=1 if per_sample else 0)
 
 
-def _unet_draw(net: SegNet, x: torch.Tensor, seed: int, start: int) -> torch.Tensor:
-    """Softmax of a plain UNet; with dropout in the network (the Monte-Carlo dropout
-    baseline) one draw of its dropout masks, seeded by ``seed`` and the batch's first row
-    (so a draw does not depend on the other samples, but does on the batch size)."""
+def _unet_draw(
+    net: SegNet, x: torch.Tensor, seed: int, start: int, mc_dropout: bool
+) -> torch.Tensor:
+    """Softmax of a plain UNet; with ``mc_dropout`` (the Monte-Carlo dropout baseline) one
+    draw of its dropout masks, seeded by ``seed`` and the batch's first row (so a draw does
+    not depend on the other samples, but does on the batch size and the device)."""
     dropouts = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
-    if not dropouts:
+    if not (mc_dropout and dropouts):
         return torch.softmax(net(x).float(), dim=1)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed * 1_000_003 + start)
@@ -150,6 +157,11 @@ def _check_sampling(net: SegNet, sampler: str, steps: int, samples: int, diffusi
                 "sampler 'shortcut' needs a model trained with shortcut jumps "
                 "(medflow train --shortcut-fraction > 0); this model takes "
                 f"{' or '.join(repr(s) for s in SAMPLERS)}"
+            )
+        if steps & (steps - 1):
+            raise OptionError(
+                f"steps {steps}: the shortcut sampler takes jumps of trained sizes, so steps "
+                "must be a power of 2 (1, 2, 4, ...)"
             )
     elif sampler in DIFFUSION_SAMPLERS:
         kind = "flow" if net.cfg.flow else "UNet"

@@ -12,6 +12,7 @@ beside each mask (:mod:`medflow.uncertainty.maps`, docs/UNCERTAINTY.md).
 from __future__ import annotations
 
 import dataclasses
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from medflow.uncertainty.maps import (
     map_name,
     png_scale,
     sample_name,
+    split_map_name,
 )
 
 # written beside the masks by an uncertainty run: checkpoint, options, cases, version
@@ -163,6 +165,7 @@ class Predictor:
             self.channel_names = list(ckpt["channel_names"])
             self.min_gap = float(ckpt["config"].get("min_gap", 0.05))
             self.parameterization = str(ckpt["config"].get("parameterization", "endpoint"))
+            self.shortcut_max_steps = int(ckpt["config"].get("shortcut_max_steps", 8))
             net = SegNet(self.net_cfg)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise DataError(
@@ -208,13 +211,15 @@ class Predictor:
             parameterization=self.parameterization,
             min_gap=self.min_gap,
             per_sample=per_sample,
+            shortcut_max_steps=self.shortcut_max_steps,
         )
 
     def predict_volume(
         self, image: Volume, options: SamplingOptions = SamplingOptions()
     ) -> np.ndarray:
-        """Label map ``(X, Y, Z)`` on the grid of ``image`` (outside the crop: background)."""
-        options = self.sampling(options)
+        """Label map ``(X, Y, Z)`` on the grid of ``image`` (outside the crop: background),
+        decoded from :meth:`mask_options`' soft mask."""
+        options = self.mask_options(options)
         slices, box = prepare_image(image, self.prep)
         probs = self.probs(slices, options)
         in_plane = self._in_plane(box)
@@ -237,6 +242,16 @@ class Predictor:
         """Whether the model draws posterior samples in one evaluation (shortcut jumps)."""
         return bool(self.net_cfg.step_input)
 
+    def mask_options(self, options: SamplingOptions) -> SamplingOptions:
+        """The resolved options the mask is predicted with: for a model with shortcut jumps
+        and ``sampler="auto"``, the one-evaluation posterior mean (one Euler step of the
+        instantaneous field from seed ``options.seed``; ``samples`` and ``steps`` then
+        concern only the samples of :meth:`predict_uncertain`); otherwise ``options``."""
+        if self.posterior and options.sampler == "auto":
+            one = dataclasses.replace(options, sampler="euler", steps=1, samples=1)
+            return self.sampling(one)
+        return self.sampling(options)
+
     def uncertain_options(self, options: SamplingOptions) -> tuple[SamplingOptions, bool]:
         """The resolved options the samples of :meth:`predict_uncertain` are drawn with, and
         whether the mask comes from a separate one-evaluation posterior mean: for a model
@@ -258,10 +273,10 @@ class Predictor:
         Sample ``s`` of ``options.samples`` starts from the noise of seed ``options.seed + s``.
         For a model with shortcut jumps and ``sampler="auto"`` the samples are posterior
         samples (one evaluation each) and, with ``fusion="mean"``, the mask and its
-        confidence and entropy come from the one-evaluation posterior mean (the mask of
-        :meth:`predict_volume` with one sample); the variance is the samples' spread.
-        Otherwise the samples are the chosen sampler's draws, the same ones
-        :meth:`predict_volume` averages, so with ``fusion="mean"`` the label map equals its.
+        confidence and entropy come from the one-evaluation posterior mean
+        (:meth:`mask_options`); the variance is the samples' spread. Otherwise the samples
+        are the chosen sampler's draws, the same ones :meth:`predict_volume` averages.
+        Either way, with ``fusion="mean"`` the label map equals :meth:`predict_volume`'s.
         A plain UNet has no noise: it is run once, and its variance is 0.
         With ``keep_samples`` every sample's own label map is kept as well.
         """
@@ -275,8 +290,7 @@ class Predictor:
                 kept.append(self._native_labels(probs, box, shape, sample_opts.batch_size))
         mean = stats.mean
         if separate_mean:
-            one = dataclasses.replace(sample_opts, sampler="euler", steps=1, samples=1)
-            mean = self.probs(slices, one).to(torch.float64)
+            mean = self.probs(slices, self.mask_options(options)).to(torch.float64)
         parts = self._native_maps(stats, mean, in_plane, sample_opts, keep_samples)
         soft = parts.pop("probs", None)
         paste = {k: self._paste(np.concatenate(v), box, shape, *FILL[k]) for k, v in parts.items()}
@@ -372,27 +386,90 @@ def map_paths(case: Case, out_dir: Path) -> list[Path]:
 
 
 def sample_paths(case: Case, out_dir: Path, samples: int) -> list[Path]:
-    """Where ``--save-samples`` writes a case's sample label maps, then its soft mask
-    (``<case>_probabilities``: NIfTI for NIfTI input, else a float TIFF of K pages)."""
+    """Where ``--save-samples`` writes a case's sample label maps (in the input's format),
+    then its soft mask ``<case>_probabilities``: a 4D NIfTI ``(X, Y, Z, K)`` whatever the
+    input's format (PNG and TIFF hold no 4D float arrays that read back unambiguously)."""
     ending = file_ending(case.images[0])
-    soft = ending if ending in NIFTI_ENDINGS else ".tif"
+    soft = ending if ending in NIFTI_ENDINGS else ".nii.gz"
     return [out_dir / sample_name(case.case_id, j, ending) for j in range(samples)] + [
         out_dir / f"{case.case_id}_{PROBABILITIES}{soft}"
     ]
 
 
 def write_probabilities(path: Path, probs: np.ndarray, geometry: Geometry) -> Path:
-    """Write a soft mask ``(X, Y, Z, K)`` as float32: a 4D NIfTI on the input's affine, or
-    a TIFF with one page per class (2D inputs)."""
-    if file_ending(path) in NIFTI_ENDINGS:
-        import nibabel as nib
+    """Write a soft mask ``(X, Y, Z, K)`` as a float32 4D NIfTI on the input's affine
+    (identity for PNG and TIFF inputs)."""
+    import nibabel as nib
 
-        img = nib.Nifti1Image(probs.astype(np.float32), geometry.affine)
-        return atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
-    import tifffile
+    img = nib.Nifti1Image(probs.astype(np.float32), geometry.affine)
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
-    pages = np.moveaxis(probs[:, :, 0, :].astype(np.float32), -1, 0)
-    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, pages))
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What a prediction run writes and removes: per case its mask (``targets``), its maps
+    and samples (``maps``, the samples and soft mask also in ``kept``), and the files of an
+    earlier run it replaces without rewriting (``stale``, removed once every case is in)."""
+
+    targets: list[Path]
+    maps: dict[str, list[Path]]
+    kept: dict[str, list[Path]]
+    stale: list[Path]
+
+
+def drawn_samples(predictor: Predictor, options: SamplingOptions) -> int:
+    """Samples a run draws per case (1 for a deterministic UNet)."""
+    return options.samples if predictor.stochastic else 1
+
+
+def _plan_outputs(
+    cases: list[Case],
+    out_dir: Path,
+    drawn: int,
+    uncertainty: bool,
+    save_samples: bool,
+    force: bool,
+) -> _Outputs:
+    """Every output of the run, checked against what ``out_dir`` holds: a map, sample or
+    soft mask left beside a case's mask by an earlier run is an output of that case either
+    way: replaced or removed with ``force`` (so none describes another mask, and no sample
+    of an earlier, larger ``--samples`` is scored with the new ones), never touched without.
+
+    Raises:
+        OutputExistsError: any of them exists and ``force`` is off.
+    """
+    targets = [output_path(c, out_dir) for c in cases]
+    kept = {c.case_id: sample_paths(c, out_dir, drawn) if save_samples else [] for c in cases}
+    maps = {c.case_id: map_paths(c, out_dir) + kept[c.case_id] for c in cases}
+    written = set(targets) | {p for c in cases for p in (maps[c.case_id] if uncertainty else [])}
+    earlier = [p for c in cases for p in map_paths(c, out_dir) + _sample_files(c, out_dir)]
+    outputs = targets + [p for c in cases for p in maps[c.case_id]] + earlier
+    if uncertainty:
+        outputs.append(out_dir / RECORD)
+    existing = [p for p in dict.fromkeys(outputs) if p.exists()]
+    if existing and not force:
+        raise OutputExistsError(existing[0])
+    stale = [p for p in dict.fromkeys(earlier) if p.exists() and p not in written]
+    if stale and not uncertainty and (out_dir / RECORD).exists():
+        stale.append(out_dir / RECORD)  # it describes the maps being removed
+    return _Outputs(targets, maps, kept, stale)
+
+
+def _sample_files(case: Case, out_dir: Path) -> list[Path]:
+    """A case's sample label maps and soft mask that ``out_dir`` holds, whatever their count
+    and ending."""
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(out_dir.glob(f"{glob.escape(case.case_id)}_*")):
+        try:
+            stem = path.name[: -len(file_ending(path))]
+        except DataError:
+            continue  # not an image file
+        split = split_map_name(stem)
+        if split and split[0] == case.case_id and split[1] not in MAPS:
+            found.append(path)
+    return found
 
 
 def predict_folder(
@@ -444,21 +521,9 @@ def predict_folder(
     ranks = Ranks.from_env()
     cases = find_cases(inputs, None, len(predictor.channel_names))
     out_dir = Path(out_dir)
-    targets = [output_path(c, out_dir) for c in cases]
-    drawn = options.samples if predictor.stochastic else 1
-    kept = {c.case_id: sample_paths(c, out_dir, drawn) if save_samples else [] for c in cases}
-    maps = {c.case_id: map_paths(c, out_dir) + kept[c.case_id] for c in cases}
-    # a map left beside a case's mask by an earlier run is an output of that case either way:
-    # replaced with --uncertainty, removed without it, never touched without --force
-    outputs = targets + [p for c in cases for p in maps[c.case_id]]
-    if uncertainty:
-        outputs.append(out_dir / RECORD)
-    existing = [p for p in outputs if p.exists()]
-    if existing and not force:
-        raise OutputExistsError(existing[0])
-    stale = [] if uncertainty else [p for p in outputs[len(targets) :] if p.exists()]
-    if stale and (out_dir / RECORD).exists():
-        stale.append(out_dir / RECORD)  # it describes the maps being removed
+    plan = _plan_outputs(cases, out_dir, drawn_samples(predictor, options), uncertainty,
+                         save_samples, force)  # fmt: skip
+    targets, maps, kept, stale = plan.targets, plan.maps, plan.kept, plan.stale
     for case in cases:
         _read_checked(case, predictor)
     written = []
@@ -525,7 +590,7 @@ def _write_record(
         "mask": (
             "posterior mean (one Euler step)" if separate_mean else f"{options.fusion} of samples"
         ),
-        "samples_drawn": options.samples if predictor.stochastic else 1,
+        "samples_drawn": drawn_samples(predictor, options),
         "maps": list(MAPS),
         "labels": predictor.labels,
         "cases": [c.case_id for c in cases],

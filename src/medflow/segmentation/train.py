@@ -306,38 +306,51 @@ class _Run:
 
     def _with_shortcut(self, logits, sample: PathSample, x1, masks, images, d) -> LossTerms:
         """Flow matching + segmentation loss on the rows at jump 0, shortcut
-        self-consistency on the others, each squared-error term a mean over its rows of the
-        whole (global) batch: this rank's sum over its rows divided by its share of them, so
-        the mean of the ranks' losses under DDP is exactly the one-process loss, whichever
-        rank holds the jump rows (in one process each term is the plain mean of its rows).
-        The segmentation term is the loss function's own, over this rank's rows at jump 0."""
+        self-consistency on the others. Each term is its loss over this rank's rows of that
+        kind, weighted by this rank's share of them (rows of the kind here / rows here,
+        over the kind's share of the global batch), so the mean of the ranks' losses under
+        DDP is the one-process loss for every per-row mean (squared errors, cross-entropy;
+        the batch-pooled soft Dice stays per rank, docs/DISTRIBUTED.md). In one process the
+        weights are 1: each term is the plain mean over its rows."""
         flat, jump = d == 0, d > 0
         n_jump = self._jump_rows(self.cfg.batch_size)
-        # expected share of the global batch per row of this rank, for each kind of row
         glob = {"flat": 1.0 - n_jump / self.cfg.batch_size, "jump": n_jump / self.cfg.batch_size}
         zero = logits.sum() * 0.0  # a part with no rows on this rank adds nothing
         flat_total, flow, seg, sc = zero, zero, zero, zero
         if bool(flat.any()):
             part = PathSample(sample.x_t[flat], sample.dx_t[flat], sample.t[flat])
             terms = self.loss_fn(logits[flat], part, x1[flat], masks[flat])
-            flow = terms.flow * (int(flat.sum()) / d.shape[0]) / glob["flat"]
-            # the loss function's own total, corrected for the flow term's new weight (a
-            # non-finite total, a diverged run, stays non-finite)
-            flat_total = terms.total + self.cfg.flow_weight * (flow - terms.flow)
-            seg = terms.seg
-        if bool(jump.any()):
-            field = FlowField(self.net, self.cfg.parameterization, self.cfg.min_gap)
-            cond = field.condition(images[jump])
-            x_t, t = sample.x_t[jump], sample.t[jump]
-            target = consistency_target(
-                lambda x, tt, dd: field.jump(x, tt, dd, cond),
-                x_t,
-                ShortcutDraw(t=t, d=d[jump]),
-                self.cfg.shortcut_max_steps,
+            weight = (int(flat.sum()) / d.shape[0]) / glob["flat"]
+            flow, seg = terms.flow * weight, terms.seg * weight
+            # the loss function's own total, reweighted (a non-finite total, a diverged
+            # run, stays non-finite)
+            flat_total = (
+                terms.total
+                + self.cfg.flow_weight * (flow - terms.flow)
+                + self.cfg.seg_weight * (seg - terms.seg)
             )
-            sc = shortcut_loss(logits[jump], x_t, t, target)
+        if bool(jump.any()):
+            target = self._jump_target(sample.x_t[jump], sample.t[jump], d[jump], images[jump])
+            sc = shortcut_loss(logits[jump], sample.x_t[jump], sample.t[jump], target)
             sc = sc * (int(jump.sum()) / d.shape[0]) / glob["jump"]
         return LossTerms(flat_total + sc, flow, seg, sc)
+
+    def _jump_target(self, x_t, t, d, images) -> torch.Tensor:
+        """Self-consistency target of jumps ``d`` from ``x_t`` by the current network, with
+        dropout (if any) off: a target is the network's estimate, not a random draw."""
+        field = FlowField(self.net, self.cfg.parameterization, self.cfg.min_gap)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            cond = field.condition(images)
+            return consistency_target(
+                lambda x, tt, dd: field.jump(x, tt, dd, cond),
+                x_t,
+                ShortcutDraw(t=t, d=d),
+                self.cfg.shortcut_max_steps,
+            )
+        finally:
+            self.net.train(was_training)
 
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
