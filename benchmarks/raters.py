@@ -34,12 +34,15 @@ from medflow.data.raters import simulate_raters
 from medflow.metrics.ambiguity import (
     brier,
     distance_matrix,
+    diversity_from_distances,
     ged_from_distances,
+    ged_unbiased_from_distances,
     matched_iou_from_distances,
     prob_mae,
     soft_ece,
     soft_region,
 )
+from medflow.metrics.overlap import confusion, dice
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, SamplingOptions
 from medflow.segmentation.runtime import machine_info
@@ -187,10 +190,14 @@ def score_slices(samples: np.ndarray, refs: np.ndarray, fresh: np.ndarray, axis:
             rows[f"ged_S{s}"].append(ged_from_distances(d_sy[:s], d_ss[:s, :s], d_yy).ged2)
             rows[f"floor_S{s}"].append(ged_from_distances(d_fy[:s], d_ff[:s, :s], d_yy).ged2)
             if s > 1:
-                rows[f"ged_u_S{s}"].append(_ged_u(d_sy[:s], d_ss[:s, :s], d_yy))
-                rows[f"floor_u_S{s}"].append(_ged_u(d_fy[:s], d_ff[:s, :s], d_yy))
-        rows["diversity"].append(_off_diagonal_mean(d_ss))
-        rows["ref_diversity"].append(_off_diagonal_mean(d_yy))
+                rows[f"ged_u_S{s}"].append(
+                    ged_unbiased_from_distances(d_sy[:s], d_ss[:s, :s], d_yy)
+                )
+                rows[f"floor_u_S{s}"].append(
+                    ged_unbiased_from_distances(d_fy[:s], d_ff[:s, :s], d_yy)
+                )
+        rows["diversity"].append(diversity_from_distances(d_ss))
+        rows["ref_diversity"].append(diversity_from_distances(d_yy))
         rows["matched_iou"].append(matched_iou_from_distances(d_sy))
         rows["sample_iou"].append(1.0 - float(d_sy.mean()))  # a sample's IoU with a rater
         rows["local_ged"].append(local_ged(smp, ref, classes))
@@ -234,16 +241,6 @@ def area_spread(samples: np.ndarray, refs: np.ndarray, classes) -> list[float]:
     return out
 
 
-def _off_diagonal_mean(d: np.ndarray) -> float:
-    return float(d[~np.eye(len(d), dtype=bool)].mean())
-
-
-def _ged_u(d_sy: np.ndarray, d_ss: np.ndarray, d_yy: np.ndarray) -> float:
-    """GED² with both within-set terms over i != j (unbiased; 0 in expectation for a model
-    that samples the raters' distribution)."""
-    return 2.0 * float(d_sy.mean()) - _off_diagonal_mean(d_ss) - _off_diagonal_mean(d_yy)
-
-
 def score_case(samples, soft, refs, fresh, truth, axis, classes) -> dict:
     region = soft_region(truth)
     row = score_slices(samples, refs, fresh, axis, classes)
@@ -257,13 +254,8 @@ def score_case(samples, soft, refs, fresh, truth, axis, classes) -> dict:
 
 
 def _dice_vs_raters(labels: np.ndarray, refs: np.ndarray, classes) -> float:
-    scores = []
-    for ref in refs:
-        for c in classes:
-            p, r = labels == c, ref == c
-            denom = p.sum() + r.sum()
-            scores.append(1.0 if denom == 0 else 2.0 * (p & r).sum() / denom)
-    return float(np.mean(scores))
+    """Mean over raters and classes of the fused mask's Dice (1 where both are empty)."""
+    return float(np.mean([dice(*confusion(labels, ref, c)) for ref in refs for c in classes]))
 
 
 # ----------------------------------------------------------------------------- the protocol

@@ -52,8 +52,10 @@ TRAINED = {
     "batch_size": 8,
     "seed": 0,
     "threads": 1,
+    "shortcut_fraction": 0.25,
+    "shortcut_max_steps": 8,
 }
-NET = {"in_channels": 1, "num_classes": 3, "channels": [8, 16], "flow": True}
+NET = {"in_channels": 1, "num_classes": 3, "channels": [8, 16], "flow": True, "step_input": True}
 
 
 def _read(path: Path) -> np.ndarray:

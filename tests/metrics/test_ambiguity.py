@@ -419,3 +419,16 @@ def test_rater_files_are_checked(tmp_path):
     raters.rmdir()
     with pytest.raises(DataError, match="ratersTs: folder not found"):
         rater_files(ds)
+
+
+def test_unbiased_ged_leaves_the_self_distances_out():
+    from medflow.metrics.ambiguity import ged_unbiased_from_distances
+
+    d_sy = np.full((3, 2), 0.5)
+    d_ss = np.array([[0.0, 0.2, 0.2], [0.2, 0.0, 0.2], [0.2, 0.2, 0.0]])
+    d_yy = np.array([[0.0, 0.4], [0.4, 0.0]])
+    # 2 * 0.5 - 0.2 - 0.4 by hand; the all-pairs GED counts the zeros: 1 - 0.4/3 - 0.2
+    assert ged_unbiased_from_distances(d_sy, d_ss, d_yy) == pytest.approx(0.4)
+    assert amb.ged_from_distances(d_sy, d_ss, d_yy).ged2 == pytest.approx(1 - 0.4 / 3 - 0.2)
+    with pytest.raises(ValueError, match="at least two samples"):
+        ged_unbiased_from_distances(d_sy[:1], d_ss[:1, :1], d_yy)

@@ -167,6 +167,17 @@ def diversity_from_distances(d_ss: np.ndarray) -> float:
     return 0.0 if n < 2 else float((d_ss.sum() - np.trace(d_ss)) / (n * (n - 1)))
 
 
+def ged_unbiased_from_distances(d_sy: np.ndarray, d_ss: np.ndarray, d_yy: np.ndarray) -> float:
+    """GED² with both within-set terms over ``i != j`` (the U-statistic): 0 in expectation
+    when samples and references come from one distribution, where the all-pairs
+    :func:`ged_from_distances` is positive and, at small ``S``, rewards samples that all sit
+    at the mean. Needs at least two samples and two references."""
+    if len(d_ss) < 2 or len(d_yy) < 2:
+        raise ValueError("the unbiased GED needs at least two samples and two references")
+    cross = float(np.asarray(d_sy).mean())
+    return 2.0 * cross - diversity_from_distances(d_ss) - diversity_from_distances(d_yy)
+
+
 def diversity(samples: Sequence[np.ndarray], classes: Sequence[int]) -> float:
     """Mean pairwise distance ``d`` between samples over ``i != j``; 0 for one sample.
 
