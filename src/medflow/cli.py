@@ -118,12 +118,23 @@ def _flag_value(value: object) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medflow.segmentation.config import TrainConfig
-
+    """The ``medflow`` parser: one small builder per verb."""
     parser = _Parser(prog="medflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"medflow {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_datasets(verbs)
+    _add_train(verbs)
+    _add_predict(verbs)
+    _add_evaluate(verbs)
+    _add_bench(verbs)
+    _add_export(verbs)
+    _add_report(verbs)
+    _add_synth(verbs)
+    return parser
 
+
+def _add_datasets(verbs) -> None:
+    """`medflow datasets`."""
     ds = verbs.add_parser("datasets", help="list, build and verify datasets")
     ds_verbs = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
     ds_verbs.add_parser("list", help="list the embedded datasets")
@@ -147,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = ds_verbs.add_parser("verify", help="open every file of a dataset and report problems")
     v.add_argument("root", type=Path, help="dataset folder (nnU-Net raw v2 or MSD)")
 
+
+def _add_train(verbs) -> None:
+    """`medflow train`."""
+    from medflow.segmentation.config import TrainConfig
+
     t = verbs.add_parser("train", help="train a segmenter on a dataset folder")
     t.add_argument("--data", required=True, type=Path, help="dataset folder")
     t.add_argument("--out", required=True, type=Path, help="run folder")
@@ -163,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(t.add_argument_group("hyperparameters"), TrainConfig)
 
+
+def _add_predict(verbs) -> None:
+    """`medflow predict`."""
     p = verbs.add_parser("predict", help="predict label maps for a file or a folder")
     p.add_argument("--model", required=True, type=Path, help="checkpoint (.pt)")
     p.add_argument("--input", required=True, type=Path, help="image file or folder")
@@ -223,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing predictions")
     p.add_argument("--quiet", action="store_true")
 
+
+def _add_evaluate(verbs) -> None:
+    """`medflow evaluate`."""
     e = verbs.add_parser("evaluate", help="Dice, IoU, HD95, ASSD of predictions")
     e.add_argument("--pred", required=True, type=Path, help="folder of predictions")
     e.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
@@ -244,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --raters: the sample counts to score, on the first S samples (default 1 4 16)",
     )
 
+
+def _add_bench(verbs) -> None:
+    """`medflow bench`."""
     from medflow.segmentation.bench import METHODS as BENCH_METHODS
 
     bn = verbs.add_parser(
@@ -290,11 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--force", action="store_true", help="overwrite an earlier results.json")
     bn.add_argument("--quiet", action="store_true")
 
+
+def _add_export(verbs) -> None:
+    """`medflow export`."""
     x = verbs.add_parser("export", help="ONNX file of a checkpoint's one-call predictor")
     x.add_argument("--model", required=True, type=Path, help="checkpoint (.pt)")
     x.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     x.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+
+def _add_report(verbs) -> None:
+    """`medflow report`."""
     r = verbs.add_parser("report", help="one self-contained HTML page (or PNG overlays)")
     r.add_argument("--pred", required=True, type=Path, help="folder of predictions (and maps)")
     r.add_argument("--eval", required=True, type=Path, help="folder holding summary.json")
@@ -303,8 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--images", type=Path, help="image folder (default: beside the references)")
     r.add_argument("--run", type=Path, help="run folder: training curves and config")
     r.add_argument("--force", action="store_true", help="overwrite an existing report")
-    _add_synth(verbs)
-    return parser
 
 
 def _add_synth(verbs) -> None:
