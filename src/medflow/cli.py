@@ -203,7 +203,14 @@ def _add_predict(verbs) -> None:
         "the checkpoint; with --uncertainty, a shortcut model's samples are shortcut jumps "
         "and its mask the one-step posterior mean)",
     )
-    p.add_argument("--samples", type=int, default=1, help="noise draws averaged (ensemble)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="noise draws: averaged into the mask (an ensemble), except for a model with "
+        "shortcut jumps and --sampler auto, whose mask is the one-evaluation posterior mean "
+        "and whose samples are the posterior samples of --uncertainty / --save-samples",
+    )
     p.add_argument(
         "--fusion",
         default="mean",
