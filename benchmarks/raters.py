@@ -332,11 +332,11 @@ def run_setup(setup: Setup, work: Path, reuse: bool, arms: list[Arm]) -> dict:
 
 
 def _cell(values: list[float], digits: int) -> str:
-    """Mean over seeds, with the spread (min-max) when there are several."""
+    """Mean over seeds, with the range [min, max] when there are several."""
     mean = f"{np.mean(values):.{digits}f}"
     if len(values) < 2:
         return mean
-    return f"{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return f"{mean} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
 COLUMNS = [
@@ -357,7 +357,7 @@ COLUMNS = [
 
 
 def table(results: list[dict]) -> str:
-    """One table per correlation length; cells are means over seeds (min-max)."""
+    """One table per correlation length; cells are means over seeds [min, max]."""
     lines = []
     for corr in dict.fromkeys(r["setup"]["correlation_mm"] for r in results):
         runs = [r for r in results if r["setup"]["correlation_mm"] == corr]
