@@ -30,8 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from medflow.segmentation.distributed import torchrun_command
-from medflow.segmentation.runtime import machine_info
+from medflow.engine.distributed import torchrun_command
+from medflow.engine.runtime import machine_info
 
 BATCH = 16
 

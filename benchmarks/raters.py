@@ -31,6 +31,7 @@ from medflow.data import builtin
 from medflow.data.io import read_image, read_label
 from medflow.data.layout import load_dataset
 from medflow.data.raters import simulate_raters
+from medflow.engine.runtime import machine_info
 from medflow.metrics.ambiguity import (
     brier,
     distance_matrix,
@@ -45,7 +46,6 @@ from medflow.metrics.ambiguity import (
 from medflow.metrics.overlap import confusion, dice
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, SamplingOptions
-from medflow.segmentation.runtime import machine_info
 from medflow.segmentation.train import train
 
 SAMPLES = (1, 4, 16)

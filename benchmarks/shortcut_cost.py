@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medflow.engine.runtime import machine_info
 from medflow.segmentation.config import TrainConfig
-from medflow.segmentation.runtime import machine_info
 from medflow.segmentation.train import train
 
 ARMS = {"shortcut 0.25 (default)": 0.25, "no shortcut": 0.0}

@@ -62,12 +62,12 @@ def _setup(model: str, size: int, task: str, batch: int, mode: str, fmt: str, cf
     """A fresh network in this set-up and a no-argument function running ``task`` once."""
     import torch
 
+    from medflow.engine.runtime import configure_net
     from medflow.flows.encoding import mask_to_flow
     from medflow.flows.losses import MedFlowSegLoss
     from medflow.flows.paths import LinearPath
     from medflow.segmentation.config import TrainConfig
     from medflow.segmentation.inference import predict_probs
-    from medflow.segmentation.runtime import configure_net
     from medflow.segmentation.train import build_net
 
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def main() -> int:
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
     import torch
 
-    from medflow.segmentation.runtime import machine_info
+    from medflow.engine.runtime import machine_info
 
     record = {"machine": machine_info(), "torch": torch.__version__, "config": cfg, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)

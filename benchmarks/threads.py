@@ -78,7 +78,7 @@ def main() -> int:
             check=True,
         )
         results[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
-    from medflow.segmentation.runtime import machine_info
+    from medflow.engine.runtime import machine_info
 
     record = {
         "machine": machine_info(),

@@ -166,8 +166,8 @@ def main() -> int:
     parser.add_argument("--screenshot", type=Path, help="PNG of the report in Chromium")
     args = parser.parse_args()
 
+    from medflow.engine.runtime import configure_threads
     from medflow.segmentation.config import TrainConfig
-    from medflow.segmentation.runtime import configure_threads
     from medflow.segmentation.train import train
 
     threads = configure_threads(args.threads)

@@ -25,7 +25,7 @@ from conftest import TINY_TRAIN, make_nnunet_dataset, train_flags
 from PIL import Image
 
 from medflow.cli import main
-from medflow.segmentation.checkpoint import load_checkpoint
+from medflow.engine.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.train import train
 

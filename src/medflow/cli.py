@@ -478,7 +478,7 @@ def _relaunch_under_torchrun(processes: int, argv: Sequence[str]) -> int:
     """
     import subprocess
 
-    from medflow.segmentation.distributed import torchrun_command
+    from medflow.engine.distributed import torchrun_command
 
     rest, skip = [], False
     for arg in argv:  # drop --processes N / --processes=N, so the ranks do not relaunch
@@ -502,20 +502,20 @@ def _relaunch_under_torchrun(processes: int, argv: Sequence[str]) -> int:
 
 
 def _under_torchrun() -> bool:
-    from medflow.segmentation.distributed import Ranks
+    from medflow.engine.distributed import Ranks
 
     return Ranks.from_env().active
 
 
 def _main_rank() -> bool:
-    from medflow.segmentation.distributed import Ranks
+    from medflow.engine.distributed import Ranks
 
     return Ranks.from_env().main
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from medflow.engine.runtime import configure_threads
     from medflow.segmentation.predict import SamplingOptions, predict_folder
-    from medflow.segmentation.runtime import configure_threads
 
     for flag in ("steps", "samples", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -602,8 +602,8 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from medflow.engine.runtime import configure_threads
     from medflow.segmentation.bench import BenchConfig, markdown_table, run_bench
-    from medflow.segmentation.runtime import configure_threads
 
     cfg = BenchConfig.quick() if args.mode == "quick" else BenchConfig.full()
     given = {

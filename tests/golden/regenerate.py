@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE))  # tiny_mni152 beside this file, when run as a scr
 from tiny_mni152 import GOLDEN_CASE, build_tiny_mni152  # noqa: E402
 
 from medflow import __version__  # noqa: E402
+from medflow.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from medflow.metrics.overlap import confusion, dice  # noqa: E402
-from medflow.segmentation.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from medflow.segmentation.config import TrainConfig  # noqa: E402
 from medflow.segmentation.predict import predict_folder  # noqa: E402
 from medflow.segmentation.train import train  # noqa: E402

@@ -30,8 +30,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medflow.engine.checkpoint import load_checkpoint
 from medflow.metrics.overlap import confusion, dice
-from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, predict_folder
 

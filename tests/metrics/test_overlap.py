@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import compute_dice, compute_iou
 
-from medflow.metrics.overlap import confusion, dice, iou
+from medflow.metrics.overlap import confusion, dice, dice_per_class, dice_rows, iou
 
 
 def test_2d_counts_dice_and_iou_by_hand():
@@ -85,3 +85,19 @@ def test_matches_monai_on_random_label_maps(shape):
             counts = confusion(pred, ref, c)
             assert dice(*counts) == pytest.approx(float(want_dice[0, c]), abs=1e-6)
             assert iou(*counts) == pytest.approx(float(want_iou[0, c]), abs=1e-6)
+
+
+def test_dice_per_class_pools_every_slice_and_scores_an_absent_class_as_one():
+    pred = np.array([[[0, 1], [1, 2]], [[0, 0], [1, 1]]])
+    ref = np.array([[[0, 1], [2, 2]], [[0, 0], [0, 1]]])
+    # class 1: pred at 4 places, ref at 2, overlap 2 -> 4 / 6; class 2: 1 and 2, overlap 1
+    # class 3: absent from both
+    assert dice_per_class(pred, ref, 4) == pytest.approx([4 / 6, 2 / 3, 1.0])
+
+
+def test_dice_rows_scores_each_row_alone():
+    a = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=bool)
+    b = np.array([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=bool)
+    assert dice_rows(a, b).tolist() == pytest.approx([2 / 3, 1.0, 0.0])
+    with pytest.raises(ValueError, match="shape"):
+        dice_rows(a, b[:, :3])

@@ -1,6 +1,7 @@
 from PIL import Image
 
-from medflow.report.curves import plot_training_curves, read_log
+from medflow.engine.logs import read_log
+from medflow.report.curves import plot_training_curves
 
 
 def test_curves_from_a_log_with_odd_class_names(tmp_path):

@@ -8,9 +8,9 @@ import torch
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
 from medflow.cli import main
+from medflow.engine.checkpoint import load_checkpoint
 from medflow.errors import OptionError
 from medflow.models.unet import NetConfig, SegNet
-from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.inference import predict_probs
 from medflow.segmentation.predict import Predictor

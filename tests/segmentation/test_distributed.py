@@ -16,15 +16,15 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, make_nnunet_dataset, train_flags
 
+from medflow.engine.checkpoint import load_checkpoint
+from medflow.engine.distributed import Ranks
+from medflow.engine.runtime import configure_threads
 from medflow.errors import MedflowError
 from medflow.flows.losses import LossTerms, MedFlowSegLoss
 from medflow.flows.paths import PathSample
 from medflow.models.unet import NetConfig, SegNet
-from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
-from medflow.segmentation.distributed import Ranks
 from medflow.segmentation.predict import predict_folder
-from medflow.segmentation.runtime import configure_threads
 from medflow.segmentation.train import train
 
 NPROC = 2

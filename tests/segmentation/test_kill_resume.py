@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
 from medflow.cli import main
-from medflow.segmentation.checkpoint import load_checkpoint
+from medflow.engine.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.train import train
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
+from medflow.engine.checkpoint import load_checkpoint
 from medflow.errors import MedflowError, OutputExistsError
-from medflow.segmentation.checkpoint import load_checkpoint
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.train import lr_factor, train
 
@@ -23,10 +23,10 @@ def test_config_validation_names_the_problem():
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
     cfg = TrainConfig(steps=100, warmup_steps=10)
-    assert lr_factor(0, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(55, cfg) == pytest.approx(0.5, abs=0.02)
-    assert lr_factor(100, cfg) == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(0, cfg.warmup_steps, cfg.steps) == pytest.approx(0.1)
+    assert lr_factor(9, cfg.warmup_steps, cfg.steps) == pytest.approx(1.0)
+    assert lr_factor(55, cfg.warmup_steps, cfg.steps) == pytest.approx(0.5, abs=0.02)
+    assert lr_factor(100, cfg.warmup_steps, cfg.steps) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_training_writes_a_complete_run_folder(tiny_dataset, tmp_path):
@@ -152,7 +152,7 @@ def test_naive_velocity_flow_is_available_for_comparison(tiny_dataset, tmp_path)
 
 
 def test_a_run_stored_before_shortcut_jumps_existed_resumes_without_them(tiny_dataset, tmp_path):
-    from medflow.segmentation.checkpoint import save_checkpoint
+    from medflow.engine.checkpoint import save_checkpoint
 
     run = tmp_path / "old"
     cfg = TrainConfig(**{**TINY, "steps": 4, "checkpoint_every": 2, "shortcut_fraction": 0.0})

@@ -68,3 +68,23 @@ def iou(tp: int, fp: int, fn: int) -> float:
     _check_counts(tp, fp, fn)
     denom = tp + fp + fn
     return 1.0 if denom == 0 else tp / denom
+
+
+def dice_per_class(pred, ref, num_classes: int) -> list[float]:
+    """Dice of each foreground class ``1 .. num_classes - 1``, pooled over every element of
+    two label maps of any shape (numpy arrays or CPU tensors; a batch of slices is scored as
+    one volume). Empty policy as :func:`dice`."""
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    return [dice(*confusion(pred, ref, c)) for c in range(1, num_classes)]
+
+
+def dice_rows(pred, ref) -> np.ndarray:
+    """Dice of every row of two boolean masks ``(N, ...)``, each row scored on its own:
+    ``(N,)`` float64, 1.0 for a row where both masks are empty (as :func:`dice`)."""
+    p = np.asarray(pred, dtype=bool).reshape(len(pred), -1)
+    r = np.asarray(ref, dtype=bool).reshape(len(ref), -1)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    tp = np.count_nonzero(p & r, axis=1)
+    denom = np.count_nonzero(p, axis=1) + np.count_nonzero(r, axis=1)
+    return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 from medflow.data.io import atomic_write
-
-
-def read_log(path: str | Path) -> list[dict[str, float]]:
-    """Rows of ``log.csv`` as floats (empty cells become NaN)."""
-    with open(path, newline="") as f:
-        return [
-            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
+from medflow.engine.logs import read_log
 
 
 def plot_training_curves(log_csv: str | Path, out_png: str | Path) -> Path:

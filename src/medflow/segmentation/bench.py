@@ -42,13 +42,13 @@ from medflow.data.builtin import build as build_builtin
 from medflow.data.datasets import prepare_image
 from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import find_cases
+from medflow.engine.logs import read_log
+from medflow.engine.runtime import machine_info
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.metrics.summary import evaluate_folders
-from medflow.report.curves import read_log
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.cost import inference_cost
 from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
-from medflow.segmentation.runtime import machine_info
 from medflow.segmentation.train import train
 
 BUDGETS = ("steps", "time")

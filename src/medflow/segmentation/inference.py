@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from medflow.engine.runtime import autocast
 from medflow.errors import OptionError
 from medflow.flows.diffusion import (
     DIFFUSION_SAMPLERS,
@@ -19,7 +20,6 @@ from medflow.flows.encoding import flow_to_probs
 from medflow.flows.parameterization import FlowField
 from medflow.flows.samplers import SAMPLERS, euler
 from medflow.models.unet import SegNet
-from medflow.segmentation.runtime import autocast
 
 SHORTCUT = "shortcut"  # one jump-averaged Euler step per 1/steps: a posterior sample
 

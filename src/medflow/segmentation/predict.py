@@ -34,13 +34,13 @@ from medflow.data.io import (
 )
 from medflow.data.layout import Case, find_cases
 from medflow.data.transforms import Preprocessing, from_slices, resize_images
+from medflow.engine.checkpoint import load_checkpoint
+from medflow.engine.distributed import Ranks, barrier, process_group
+from medflow.engine.runtime import configure_net, progress, resolve_device
 from medflow.errors import DataError, OutputExistsError
 from medflow.flows.diffusion import EPSILON
 from medflow.models.unet import NetConfig, SegNet
-from medflow.segmentation.checkpoint import load_checkpoint
-from medflow.segmentation.distributed import Ranks, barrier, process_group
 from medflow.segmentation.inference import SHORTCUT, predict_probs
-from medflow.segmentation.runtime import configure_net, progress, resolve_device
 from medflow.uncertainty.fusion import FUSIONS, SampleStats
 from medflow.uncertainty.maps import (
     MAPS,

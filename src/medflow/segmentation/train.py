@@ -18,7 +18,6 @@ logs, validates and writes the run folder (docs/DISTRIBUTED.md).
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import re
@@ -40,6 +39,17 @@ from medflow.data.datasets import (
 from medflow.data.io import atomic_write
 from medflow.data.layout import load_dataset
 from medflow.data.transforms import Preprocessing, augment_batch
+from medflow.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from medflow.engine.distributed import (
+    Ranks,
+    barrier,
+    from_main,
+    mean_over_ranks,
+    process_group,
+)
+from medflow.engine.logs import read_log_until, write_log
+from medflow.engine.runtime import autocast, configure_threads, progress, resolve_device
+from medflow.engine.schedule import ema_update, lr_factor
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.flows.diffusion import DiffusionSchedule, network_time, q_sample
 from medflow.flows.encoding import mask_to_flow
@@ -52,18 +62,10 @@ from medflow.flows.shortcut import (
     sample_jumps,
     shortcut_loss,
 )
+from medflow.metrics.overlap import dice_per_class
 from medflow.models.unet import NetConfig, SegNet
-from medflow.segmentation.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from medflow.segmentation.config import TrainConfig
-from medflow.segmentation.distributed import (
-    Ranks,
-    barrier,
-    from_main,
-    mean_over_ranks,
-    process_group,
-)
 from medflow.segmentation.inference import predict_probs
-from medflow.segmentation.runtime import autocast, configure_threads, progress, resolve_device
 
 LAST, BEST, FINAL = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 RUN_FILES = ("config.json", "log.csv", LAST, BEST, FINAL)
@@ -103,34 +105,6 @@ def build_net(cfg: TrainConfig, in_channels: int, num_classes: int) -> SegNet:
             dropout=cfg.dropout,
         )
     )
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to the peak, then cosine decay to zero at ``cfg.steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int) -> None:
-    # short runs: ramp the decay so early averages are not dominated by the random init
-    d = min(decay, (1.0 + step) / (10.0 + step))
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p, 1.0 - d)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
-
-
-def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> list[float]:
-    """Foreground Dice pooled over all slices (validation at training size)."""
-    out = []
-    for c in range(1, num_classes):
-        p, r = pred == c, ref == c
-        denom = int(p.sum() + r.sum())
-        out.append(1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom)
-    return out
 
 
 def _load_split(
@@ -207,7 +181,9 @@ class _Run:
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+        )
         self.loss_fn = MedFlowSegLoss(
             cfg.parameterization, cfg.loss_weighting, cfg.min_gap, cfg.flow_weight, cfg.seg_weight
         )
@@ -235,7 +211,7 @@ class _Run:
             *[f"val_dice_{n}" for n in self.class_names],
             "seconds",
         ]
-        self.log_rows = _read_log_until(out / "log.csv", self.start) if state else []
+        self.log_rows = read_log_until(out / "log.csv", self.start) if state else []
 
     def describe(self, data: Path) -> dict:
         return {
@@ -537,27 +513,3 @@ def _follow(run: _Run) -> None:
     """Ranks other than 0: the same optimiser steps, nothing written."""
     for step in range(run.start, run.cfg.steps):
         run.step(step)
-
-
-def write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Write ``rows`` as a CSV with ``columns`` (missing cells empty), atomically."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns, restval="")
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def _read_log_until(path: Path, step: int) -> list[dict]:
-    """Rows of an earlier run's log up to the resumed step (a killed run may have logged
-    steps after its last checkpoint; those are trained again)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-    for r in rows:
-        r["step"] = int(r["step"])
-    return [r for r in rows if r["step"] <= step]

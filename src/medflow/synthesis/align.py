@@ -33,10 +33,10 @@ from medflow import __version__
 from medflow.data.datasets import prepare_image
 from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import find_cases
+from medflow.engine.logs import write_log
+from medflow.engine.runtime import progress
 from medflow.errors import DataError, MedflowError
 from medflow.flows.samplers import euler
-from medflow.segmentation.runtime import progress
-from medflow.segmentation.train import write_log
 from medflow.synthesis.config import AlignConfig
 from medflow.synthesis.model import SynthModel, start_run
 from medflow.synthesis.preview import save_grid

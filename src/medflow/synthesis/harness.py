@@ -35,14 +35,15 @@ from medflow import __version__
 from medflow.data.datasets import load_slices, plan_preprocessing
 from medflow.data.io import atomic_write
 from medflow.data.layout import load_dataset
+from medflow.engine.logs import read_log
+from medflow.engine.runtime import machine_info
 from medflow.errors import DataError, OutputExistsError
 from medflow.metrics.distribution import frechet_distance, mmd2
+from medflow.metrics.overlap import dice_per_class, dice_rows
 from medflow.metrics.summary import evaluate_folders
-from medflow.report.curves import read_log
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
-from medflow.segmentation.runtime import machine_info
-from medflow.segmentation.train import dice_per_class, train
+from medflow.segmentation.train import train
 from medflow.synthesis.align import align
 from medflow.synthesis.config import AlignConfig, SynthConfig
 from medflow.synthesis.reward import FeatureEncoder, feature_scale
@@ -122,14 +123,12 @@ def mask_statistics(masks: torch.Tensor, num_classes: int, pairs: int = 200) -> 
     j = (i + 1 + torch.randint(n - 1, (pairs,), generator=gen)) % n
     out = {}
     for c in range(1, num_classes):
-        fg = (masks == c).flatten(1).float()
+        fg = (masks == c).flatten(1).numpy()
         area = fg.mean(1)
-        inter = (fg[i] * fg[j]).sum(1)
-        denom = (fg[i] + fg[j]).sum(1)
-        dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+        dice = dice_rows(fg[i.numpy()], fg[j.numpy()])
         out[str(c)] = {
             "area_mean": float(area.mean()),
-            "area_std": float(area.std()),
+            "area_std": float(area.std(ddof=1)),
             "pairwise_dice": float(dice.mean()),
         }
     return out

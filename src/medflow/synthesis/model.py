@@ -15,10 +15,10 @@ import torch
 
 from medflow import __version__
 from medflow.data.transforms import Preprocessing
+from medflow.engine.checkpoint import load_checkpoint, save_checkpoint
+from medflow.engine.runtime import configure_threads, resolve_device
 from medflow.errors import DataError, MedflowError, OutputExistsError
 from medflow.models.flow_unet import FlowUNet, FlowUNetConfig
-from medflow.segmentation.checkpoint import load_checkpoint, save_checkpoint
-from medflow.segmentation.runtime import configure_threads, resolve_device
 from medflow.synthesis.image_flow import ImageFlow
 from medflow.synthesis.mask_flow import MaskFlow
 

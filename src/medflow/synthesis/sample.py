@@ -38,8 +38,8 @@ from medflow.data.io import (
     write_volume,
 )
 from medflow.data.layout import load_dataset
+from medflow.engine.runtime import progress, resolve_device
 from medflow.errors import MedflowError, OutputExistsError
-from medflow.segmentation.runtime import progress, resolve_device
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.preview import save_grid
 

@@ -22,9 +22,10 @@ from medflow.data.datasets import SliceSet, load_slices, plan_preprocessing
 from medflow.data.io import atomic_write, read_image
 from medflow.data.layout import DatasetSpec, load_dataset
 from medflow.data.transforms import Preprocessing
+from medflow.engine.logs import write_log
+from medflow.engine.runtime import progress
+from medflow.engine.schedule import ema_update, lr_factor
 from medflow.errors import MedflowError
-from medflow.segmentation.runtime import progress
-from medflow.segmentation.train import ema_update, lr_factor, write_log
 from medflow.synthesis.config import SynthConfig
 from medflow.synthesis.image_flow import ImageFlow
 from medflow.synthesis.mask_flow import MaskFlow
@@ -84,7 +85,9 @@ def train_synth(
     emas = [copy.deepcopy(n).requires_grad_(False) for n in nets]
     params = [p for n in nets for p in n.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+    )
 
     rows, t0 = [], time.perf_counter()
     bar = progress(total=cfg.steps, quiet=quiet, desc="synth train", unit="step")

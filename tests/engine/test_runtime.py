@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
+from medflow.engine import runtime
 from medflow.models.attention import FrequencyAwareAttention
 from medflow.models.unet import NetConfig, SegNet
-from medflow.segmentation import runtime
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, SamplingOptions
 from medflow.segmentation.train import train

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from medflow.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from medflow.errors import DataError
-from medflow.segmentation.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 MINIMAL = {
     "format": FORMAT,

@@ -8,8 +8,8 @@ import sys
 
 import torch
 
+from medflow.engine.distributed import Ranks
 from medflow.errors import MedflowError
-from medflow.segmentation.distributed import Ranks
 
 
 def resolve_device(name: str = "auto") -> torch.device:
