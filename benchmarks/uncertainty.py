@@ -63,6 +63,7 @@ def slice_scores(
 def measure(args: argparse.Namespace, ckpt: Path, samples: int) -> dict:
     from medflow.data.io import read_image, read_label, write_volume
     from medflow.data.layout import find_cases
+    from medflow.data.naming import MAPS
     from medflow.metrics.summary import evaluate_folders
     from medflow.segmentation.predict import (
         Predictor,
@@ -72,7 +73,7 @@ def measure(args: argparse.Namespace, ckpt: Path, samples: int) -> dict:
         write_map,
     )
     from medflow.uncertainty.calibration import error_auroc, reliability, spearman
-    from medflow.uncertainty.maps import MAPS, case_uncertainty
+    from medflow.uncertainty.maps import case_uncertainty
 
     predictor = Predictor(ckpt, "cpu")
     k = predictor.net_cfg.num_classes

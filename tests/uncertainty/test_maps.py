@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from medflow.uncertainty.maps import case_uncertainty, map_name, png_scale, split_map_name
+from medflow.data.naming import map_name, split_map_name
+from medflow.uncertainty.maps import case_uncertainty, png_scale
 
 
 def test_case_uncertainty_is_entropy_per_predicted_foreground_voxel():

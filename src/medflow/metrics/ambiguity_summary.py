@@ -31,17 +31,17 @@ import numpy as np
 
 from medflow.data.io import file_ending, read_image, read_label, staged_outputs
 from medflow.data.layout import rater_annotations
+from medflow.data.naming import PROBABILITIES, sample_name, split_map_name
 from medflow.errors import DataError, OptionError, OutputExistsError
 from medflow.metrics import ambiguity as amb
-from medflow.metrics.overlap import confusion, dice
-from medflow.metrics.summary import (
-    _foreground,
-    _label_files,
-    _labels_from_dataset_json,
-    _labels_from_references,
-    _pair,
+from medflow.metrics.folders import (
+    foreground_classes,
+    label_files,
+    labels_from_dataset_json,
+    labels_from_references,
+    pair_cases,
 )
-from medflow.uncertainty.maps import PROBABILITIES, sample_name, split_map_name
+from medflow.metrics.overlap import confusion, dice
 
 OUTPUTS = ("ambiguity_per_case.csv", "ambiguity.json")
 GED_KEYS = ("ged2", "cross", "sample_diversity", "ref_diversity", "diversity", "matched_iou")
@@ -123,7 +123,7 @@ def rater_files(dataset_root: str | Path, split: str = "Ts") -> dict[str, tuple[
             with other raters than the rest, a rater without a label).
     """
     root = Path(dataset_root)
-    labels = _label_files(root / f"labels{split}", "reference")
+    labels = label_files(root / f"labels{split}", "reference")
     folder = root / f"raters{split}"
     if not folder.is_dir():
         raise DataError(folder, "folder not found; expected <case>_rater01<ending> files there")
@@ -200,7 +200,7 @@ def _fused_dice(fused: np.ndarray, refs: list[np.ndarray], labels: dict[str, int
     """``{class: mean Dice of the fused mask against each rater}``."""
     return {
         name: float(np.mean([dice(*confusion(fused, ref, value)) for ref in refs]))
-        for name, value in _foreground(labels)
+        for name, value in foreground_classes(labels)
     }
 
 
@@ -243,7 +243,7 @@ def _score_case(case: str, files: dict, labels: dict[str, int], counts: list[int
     refs = [ref0] + [_read_map(p, ref0.shape, known, first) for p in files["refs"][1:]]
     fused = _read_map(files["fused"], ref0.shape, known, first)
     samples = [_read_map(p, ref0.shape, known, first) for p in files["samples"][: max(counts)]]
-    classes = [value for _, value in _foreground(labels)]
+    classes = [value for _, value in foreground_classes(labels)]
     calibration = None
     if files["probabilities"] is not None and files["true_probabilities"] is not None:
         shape = (max(labels.values()) + 1, *ref0.shape)
@@ -305,11 +305,11 @@ def ambiguity_results(
     wanted = _check_samples(samples)
     refs = rater_files(root, split)
     labels_dir = root / f"labels{split}"
-    labels = _labels_from_dataset_json(root / "dataset.json")
+    labels = labels_from_dataset_json(root / "dataset.json")
     if labels is None:
-        labels = _labels_from_references({c: r[0] for c, r in refs.items()}, labels_dir)
-    masks = _label_files(pred_dir, "prediction")
-    cases = _pair(masks, {c: r[0] for c, r in refs.items()}, pred_dir, labels_dir)
+        labels = labels_from_references({c: r[0] for c, r in refs.items()}, labels_dir)
+    masks = label_files(pred_dir, "prediction")
+    cases = pair_cases(masks, {c: r[0] for c, r in refs.items()}, pred_dir, labels_dir)
     sample_files, probabilities = _prediction_extras(pred_dir, masks)
     found = _same_count(
         sample_files,

@@ -12,17 +12,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from medflow.data.io import SUPPORTED_ENDINGS, file_ending, read_label, staged_outputs
-from medflow.data.layout import check_unicode
-from medflow.errors import DataError, OutputExistsError, brief
+from medflow.data.io import read_label, staged_outputs
+from medflow.errors import DataError, OutputExistsError
+from medflow.metrics.folders import (
+    check_labels,
+    foreground_classes,
+    label_files,
+    labels_from_dataset_json,
+    labels_from_references,
+    pair_cases,
+)
 from medflow.metrics.overlap import confusion, dice, iou
 from medflow.metrics.surface import surface_metrics
-from medflow.uncertainty.maps import split_map_name
 
 METRICS = ("dice", "iou", "hd95", "assd")
 CSV_COLUMNS = ("case", "class", *METRICS, "ref_voxels", "pred_voxels")
@@ -31,29 +37,6 @@ EMPTY_POLICY = (
     "false structure): dice=iou=0, hd95=assd=image diagonal sqrt(sum(((n_i-1)*s_i)^2)) mm; "
     "every case counts in the means"
 )
-
-
-def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
-    """Return ``labels`` as a plain dict after checking names and values; ValueError if bad."""
-    if not isinstance(labels, Mapping):
-        raise ValueError(f"labels must map class names to integer values, got {labels!r}")
-    for name, value in labels.items():
-        # bool is an int subclass, and JSON true/false is never meant as a label value
-        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"label {name!r}: {value!r} is not a name -> integer value pair")
-        if value < 0:
-            raise ValueError(f"label {name!r} has negative value {value}")
-    values = list(labels.values())
-    if len(set(values)) != len(values):
-        raise ValueError(f"labels {dict(labels)} give the same value to two classes")
-    if not any(v != 0 for v in values):
-        raise ValueError(f"labels {dict(labels)} name no foreground class (value other than 0)")
-    return dict(labels)
-
-
-def _foreground(labels: Mapping[str, int]) -> list[tuple[str, int]]:
-    """Foreground ``(name, value)`` pairs in value order, so rows and tables have one order."""
-    return sorted(((n, v) for n, v in labels.items() if v != 0), key=lambda nv: nv[1])
 
 
 def evaluate_case(
@@ -78,7 +61,7 @@ def evaluate_case(
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     out: dict[str, dict[str, float]] = {}
-    for name, value in _foreground(_check_labels(labels)):
+    for name, value in foreground_classes(check_labels(labels)):
         tp, fp, fn = confusion(pred, ref, value)
         hd95, assd = surface_metrics(pred == value, ref == value, spacing)
         out[name] = {
@@ -90,92 +73,6 @@ def evaluate_case(
             "pred_voxels": tp + fp,
         }
     return out
-
-
-def _label_files(folder: Path, role: str) -> dict[str, Path]:
-    """Case id -> label file for every supported file in ``folder`` (hidden files skipped)."""
-    if not folder.is_dir():
-        raise DataError(folder, f"{role} folder not found")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        # hidden names include atomic_write's temporary files from an interrupted run
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        try:
-            ending = file_ending(path)
-        except DataError:
-            continue  # dataset.json, notes, ... live beside label maps
-        case = path.name[: -len(ending)]
-        if case in files:
-            raise DataError(path, f"case {case!r} is also {files[case].name}; keep one file")
-        files[case] = path
-    # uncertainty maps that `predict --uncertainty` writes beside a case's mask are no masks
-    for case in [c for c in files if (m := split_map_name(c)) and m[0] in files]:
-        del files[case]
-    if not files:
-        endings = ", ".join(SUPPORTED_ENDINGS)
-        raise DataError(folder, f"{role} folder holds no label files ({endings})")
-    return files
-
-
-def _pair(
-    preds: dict[str, Path], refs: dict[str, Path], pred_dir: Path, ref_dir: Path
-) -> list[str]:
-    """Case ids present in both folders; DataError naming the first file without a partner."""
-    missing = sorted(set(refs) - set(preds))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        first = refs[missing[0]]
-        raise DataError(pred_dir / first.name, f"not found: no prediction for {first}{more}")
-    extra = sorted(set(preds) - set(refs))
-    if extra:
-        # a prediction nobody scores usually means the wrong folder was given
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise DataError(preds[extra[0]], f"has no reference in {ref_dir}{more}")
-    return sorted(refs)
-
-
-def _labels_from_dataset_json(path: Path) -> dict[str, int] | None:
-    """Labels of an nnU-Net v2 (``{name: value}``) or MSD (``{"1": name}``) ``dataset.json``."""
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-        raise DataError(path, f"cannot be read as JSON: {str(exc)[:200]}") from exc
-    except RecursionError:
-        raise DataError(path, "cannot be read as JSON: nested too deeply") from None
-    check_unicode(raw, path)
-    labels = raw.get("labels") if isinstance(raw, dict) else None
-    if not isinstance(labels, dict) or not labels:
-        raise DataError(path, 'has no "labels" mapping; add one or pass labels explicitly')
-    # MSD writes value -> name; ASCII digits only ("²".isdigit() is true but int() refuses it)
-    if all(isinstance(v, str) for v in labels.values()) and all(
-        k.isascii() and k.isdigit() and len(k) < 10 for k in labels
-    ):
-        labels = {name: int(value) for value, name in labels.items()}
-    for name, value in labels.items():
-        if isinstance(value, list):
-            raise DataError(
-                path,
-                f"label {brief(name)} is a region {brief(value)}; regions are not supported, "
-                "pass labels",
-            )
-    try:
-        return _check_labels(labels)
-    except ValueError as exc:
-        raise DataError(path, str(exc)[:300]) from exc
-
-
-def _labels_from_references(refs: dict[str, Path], ref_dir: Path) -> dict[str, int]:
-    """``{"background": 0, "label_1": 1, ...}`` from the values found in the references."""
-    values: set[int] = set()
-    for path in refs.values():
-        values.update(int(v) for v in np.unique(read_label(path).array))
-    values.discard(0)
-    if not values:
-        raise DataError(ref_dir, "references hold only background (0); pass labels explicitly")
-    return {"background": 0, **{f"label_{v}": v for v in sorted(values)}}
 
 
 def _evaluate_pair(case: str, pred_path: Path, ref_path: Path, labels: dict[str, int]) -> dict:
@@ -195,7 +92,7 @@ def _evaluate_pair(case: str, pred_path: Path, ref_path: Path, labels: dict[str,
 
 
 def _summarise(per_case: list[dict], labels: dict[str, int]) -> dict:
-    names = [name for name, _ in _foreground(labels)]
+    names = [name for name, _ in foreground_classes(labels)]
 
     def stat(reduce) -> dict[str, dict[str, float]]:
         return {
@@ -271,15 +168,15 @@ def evaluate_folders(
     if not force and any(p.exists() for p in outputs):
         raise OutputExistsError(out_dir)
 
-    refs = _label_files(ref_dir, "reference")
-    preds = _label_files(pred_dir, "prediction")
-    cases = _pair(preds, refs, pred_dir, ref_dir)
+    refs = label_files(ref_dir, "reference")
+    preds = label_files(pred_dir, "prediction")
+    cases = pair_cases(preds, refs, pred_dir, ref_dir)
     if labels is not None:
-        labels = _check_labels(labels)
+        labels = check_labels(labels)
     else:
-        labels = _labels_from_dataset_json(ref_dir.parent / "dataset.json")
+        labels = labels_from_dataset_json(ref_dir.parent / "dataset.json")
         if labels is None:
-            labels = _labels_from_references(refs, ref_dir)
+            labels = labels_from_references(refs, ref_dir)
 
     per_case = [_evaluate_pair(c, preds[c], refs[c], labels) for c in cases]
     summary = _summarise(per_case, labels)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from medflow.data.io import PNG_ENDINGS, SUPPORTED_ENDINGS, file_ending, read_image, read_label
+from medflow.data.naming import MAPS, map_name
 from medflow.errors import DataError
 from medflow.metrics.summary import METRICS
-from medflow.uncertainty.maps import MAPS, case_uncertainty, map_name, png_scale
+from medflow.uncertainty.maps import case_uncertainty, png_scale
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from medflow.data.io import (
     write_volume,
 )
 from medflow.data.layout import Case, find_cases
+from medflow.data.naming import MAPS, PROBABILITIES, map_name, sample_name, split_map_name
 from medflow.data.transforms import Preprocessing, from_slices, resize_images
 from medflow.engine.checkpoint import load_checkpoint
 from medflow.engine.distributed import Ranks, barrier, process_group
@@ -42,15 +43,7 @@ from medflow.flows.diffusion import EPSILON
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.inference import SHORTCUT, predict_probs
 from medflow.uncertainty.fusion import FUSIONS, SampleStats
-from medflow.uncertainty.maps import (
-    MAPS,
-    PROBABILITIES,
-    entropy_map,
-    map_name,
-    png_scale,
-    sample_name,
-    split_map_name,
-)
+from medflow.uncertainty.maps import entropy_map, png_scale
 
 # written beside the masks by an uncertainty run: checkpoint, options, cases, version
 RECORD = "prediction.json"

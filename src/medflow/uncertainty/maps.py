@@ -1,4 +1,5 @@
-"""Per-pixel uncertainty maps, one number per case, and how the maps are named on disk.
+"""Per-pixel uncertainty maps and one number per case (their file names:
+:mod:`medflow.data.naming`).
 
 Two maps are written beside each predicted mask ``<case><ending>``:
 
@@ -16,12 +17,11 @@ with ``round(65535 * value / max)``, ``max`` being the largest value the map can
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import torch
 
-MAPS = ("variance", "entropy")
+from medflow.data.naming import MAPS
 
 
 def entropy_map(probs: torch.Tensor) -> torch.Tensor:
@@ -33,39 +33,6 @@ def entropy_map(probs: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected probabilities (N, K, ...), got shape {tuple(probs.shape)}")
     p = probs.to(torch.float64).clamp(0, 1)
     return (-torch.special.xlogy(p, p).sum(1)).clamp_min(0).float()
-
-
-def map_name(case_id: str, kind: str, ending: str) -> str:
-    """File name of a case's ``kind`` map (``"variance"`` or ``"entropy"``)."""
-    if kind not in MAPS:
-        raise ValueError(f"unknown uncertainty map {kind!r}; expected one of {list(MAPS)}")
-    return f"{case_id}_{kind}{ending}"
-
-
-def sample_name(case_id: str, index: int, ending: str) -> str:
-    """File name of posterior sample ``index`` of a case (a label map), written by
-    ``medflow predict --save-samples``: ``<case>_sample00<ending>``, ``_sample01``, ..."""
-    if not 0 <= index < 100:
-        raise ValueError(f"sample index must be in 0..99, got {index}")
-    return f"{case_id}_sample{index:02d}{ending}"
-
-
-PROBABILITIES = "probabilities"  # <case>_probabilities<ending>: the fused soft mask (X, Y, Z, K)
-
-
-def split_map_name(case_id: str) -> tuple[str, str] | None:
-    """``("case", "entropy")`` for the id ``"case_entropy"``, ``("case", "sample03")`` for
-    ``"case_sample03"``, ``("case", "probabilities")`` for ``"case_probabilities"``; ``None``
-    for any other id."""
-    for kind in (*MAPS, PROBABILITIES):
-        suffix = f"_{kind}"
-        if case_id.endswith(suffix) and len(case_id) > len(suffix):
-            return case_id[: -len(suffix)], kind
-    m = _SAMPLE.fullmatch(case_id)
-    return (m.group(1), f"sample{m.group(2)}") if m and m.group(1) else None
-
-
-_SAMPLE = re.compile(r"(.+)_sample([0-9]{2})")
 
 
 def png_scale(kind: str, num_classes: int) -> float:
