@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 
 from medflow.models.unet import NetConfig, SegNet
+from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.cost import inference_cost
+from medflow.segmentation.inference import SamplingOptions as Opts
+from medflow.segmentation.methods import Method, method_for
 
 SETTINGS = [
-    # name, network options, sampling options
+    # name, network options, sampling options (a method by its network and sampler)
     ("unet", {"flow": False}, {}),
     ("medflowseg euler-1", {}, {}),
     ("medflowseg euler-2", {}, {"steps": 2}),
@@ -32,10 +35,19 @@ SETTINGS = [
     ("medflowseg without DBSA", {"dbsa": False}, {}),
     ("medflowseg without FAA", {"faa": False}, {}),
     ("flow, concatenation only", {"image_branch": False, "dbsa": False, "faa": False}, {}),
-    ("diffusion ddim-10", {}, {"steps": 10, "sampler": "ddim", "parameterization": "epsilon"}),
-    ("diffusion ddim-50", {}, {"steps": 50, "sampler": "ddim", "parameterization": "epsilon"}),
-    ("diffusion ddpm-1000", {}, {"steps": 1000, "sampler": "ddpm", "parameterization": "epsilon"}),
+    ("diffusion ddim-10", {}, {"steps": 10, "sampler": "ddim"}),
+    ("diffusion ddim-50", {}, {"steps": 50, "sampler": "ddim"}),
+    ("diffusion ddpm-1000", {}, {"steps": 1000, "sampler": "ddpm"}),
 ]
+
+
+def _method(net_kw: dict, sampling: dict) -> Method:
+    """The method whose prediction path a setting counts."""
+    if not net_kw.get("flow", True):
+        return method_for(TrainConfig(model="unet"))
+    if sampling.get("sampler") in ("ddim", "ddpm"):
+        return method_for(TrainConfig(model="diffusion"))
+    return method_for(TrainConfig(shortcut_fraction=0))
 
 
 def main() -> int:
@@ -48,7 +60,7 @@ def main() -> int:
     for name, net_kw, sampling in SETTINGS:
         torch.manual_seed(0)
         net = SegNet(NetConfig(in_channels=1, num_classes=3, **net_kw))
-        cost = inference_cost(net, args.size, **sampling)
+        cost = inference_cost(_method(net_kw, sampling), net, args.size, Opts(**sampling))
         rows.append({"setting": name, **vars(cost)})
     unet = rows[0]["gflops"]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 For the default MedFlowSeg network and the plain UNet of the same backbone
 (``medflow.segmentation.train.build_net``), at 64 x 64 and 96 x 96, times
 
-* inference through the real prediction path (``predict_probs``, one Euler step: the image
+* inference through the real prediction path (the method's ``probs``, one Euler step: the image
   features, one network call, the noise and the probabilities) on batches of 1 and 32 slices;
 * one training step (forward, the training loss, backward, AdamW) at batch 16, the default
   training batch;
@@ -67,7 +67,8 @@ def _setup(model: str, size: int, task: str, batch: int, mode: str, fmt: str, cf
     from medflow.flows.losses import MedFlowSegLoss
     from medflow.flows.paths import LinearPath
     from medflow.segmentation.config import TrainConfig
-    from medflow.segmentation.inference import predict_probs
+    from medflow.segmentation.inference import SamplingOptions
+    from medflow.segmentation.methods import method_for
     from medflow.segmentation.train import build_net
 
     torch.manual_seed(0)
@@ -78,7 +79,8 @@ def _setup(model: str, size: int, task: str, batch: int, mode: str, fmt: str, cf
     images = torch.randn(batch, 1, size, size, generator=gen)
     if task.startswith("infer"):
         net.eval()
-        return lambda: predict_probs(run, images, steps=1, batch_size=batch)
+        options = SamplingOptions(steps=1, sampler="euler", batch_size=batch)
+        return lambda: method_for(tcfg).probs(run, images, options)
 
     net.train()
     masks = torch.randint(NUM_CLASSES, (batch, size, size), generator=gen)

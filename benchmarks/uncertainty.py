@@ -23,7 +23,7 @@ entropy maps into ``--out/samples_S``, which is then evaluated. Measured:
   foreground (more points than cases);
 * ``dice``: foreground-mean Dice of ``medflow evaluate`` at native resolution;
 * ``seconds``: wall time of prediction with maps (separate draws); ``seconds_averaged``: the
-  same number of draws averaged inside one ``predict_probs`` call, without maps;
+  same number of draws averaged inside one ``Predictor.probs`` call, without maps;
   ``cpu_seconds``, ``cpu_seconds_averaged``: the process's CPU time for the same, which other
   jobs on a shared machine disturb less than wall time (run with ``--threads 1`` to compare).
 

@@ -13,7 +13,7 @@ from medflow.flows.shortcut import (
     shortcut_loss,
 )
 from medflow.models.unet import NetConfig, SegNet
-from medflow.segmentation.inference import predict_probs
+from medflow.segmentation.inference import flow_probs
 
 
 def test_jumps_lie_on_their_grid_and_end_by_t_equal_one():
@@ -122,7 +122,7 @@ def test_one_shortcut_sample_is_one_network_call_with_jump_one():
     net = _Counting(NetConfig(1, 3, channels=(8, 16), step_input=True)).eval()
     images = torch.randn(5, 1, 8, 8)
     _Counting.calls = 0
-    probs = predict_probs(net, images, sampler="shortcut", steps=1, samples=1)
+    probs = flow_probs(net, images, sampler="shortcut", steps=1, samples=1)
     assert _Counting.calls == 1 and probs.shape == (5, 3, 8, 8)
     # and it is the endpoint of one jump of size 1 from the seed's noise
     noise = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -135,13 +135,19 @@ def test_one_shortcut_sample_is_one_network_call_with_jump_one():
         atol=1e-5,
     )
     _Counting.calls = 0
-    predict_probs(net, images, sampler="shortcut", steps=4, samples=3)
+    flow_probs(net, images, sampler="shortcut", steps=4, samples=3)
     assert _Counting.calls == 12
 
 
 def test_shortcut_sampler_needs_a_model_with_a_step_input():
     from medflow.errors import OptionError
+    from medflow.segmentation.config import TrainConfig
+    from medflow.segmentation.inference import SamplingOptions
+    from medflow.segmentation.methods import method_for
 
     net = SegNet(NetConfig(1, 3, channels=(8, 16)))
+    with pytest.raises(ValueError, match="no step input"):
+        flow_probs(net, torch.randn(1, 1, 8, 8), sampler="shortcut")
+    # a method refuses it before any network runs
     with pytest.raises(OptionError, match="shortcut jumps"):
-        predict_probs(net, torch.randn(1, 1, 8, 8), sampler="shortcut")
+        method_for(TrainConfig(shortcut_fraction=0)).resolve(SamplingOptions(sampler="shortcut"))

@@ -77,7 +77,8 @@ def test_stored_checkpoint_is_the_expected_tiny_model():
     # configs stored before a field existed must still load, the field at its default
     TrainConfig.from_dict(ckpt["config"])
     predictor = Predictor(CHECKPOINT, device="cpu")
-    assert predictor.net_cfg.flow and predictor.parameterization == "endpoint"
+    # written before methods were named: its config says which it is
+    assert "method" not in ckpt and predictor.method.name == "medflowseg-shortcut"
     assert _read(INPUT).shape == _read(EXPECTED).shape == SHAPE
     # the reference is worth matching: both tissues are present in bulk
     counts = np.bincount(_read(EXPECTED).ravel(), minlength=3)

@@ -24,7 +24,10 @@ from medflow.segmentation.bench import (
 
 SETTINGS = {
     "unet": [("1 call", {})],
-    "medflowseg": [("euler-1", {"steps": 1}), ("euler-2 x2", {"steps": 2, "samples": 2})],
+    "medflowseg": [
+        ("euler-1", {"sampler": "euler", "steps": 1}),
+        ("euler-2 x2", {"sampler": "euler", "steps": 2, "samples": 2}),
+    ],
     "diffusion": [("ddim-3", {"sampler": "ddim", "steps": 3})],
 }
 
@@ -153,7 +156,7 @@ def test_cli_quick_mode_writes_the_table(tmp_path, capsys):
 
 
 ABLATION_SETTINGS = {
-    "medflowseg": [("euler-1", {"steps": 1}), ("euler-3", {"steps": 3})],
+    "medflowseg": [("euler-1", {"steps": 1}), ("euler-3", {"sampler": "euler", "steps": 3})],
     **{a: [("euler-1", {"steps": 1})] for a in ABLATIONS},
 }
 

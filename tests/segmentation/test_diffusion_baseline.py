@@ -12,7 +12,8 @@ from medflow.engine.checkpoint import load_checkpoint
 from medflow.errors import OptionError
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.config import TrainConfig
-from medflow.segmentation.inference import predict_probs
+from medflow.segmentation.inference import SamplingOptions, diffusion_probs
+from medflow.segmentation.methods import Diffusion, MedFlowSeg, UNet
 from medflow.segmentation.predict import Predictor
 from medflow.segmentation.train import train
 
@@ -58,18 +59,23 @@ def test_training_logs_the_noise_loss_and_ddim_validation(diffusion_run):
 
 
 def test_validation_samples_with_ddim_10(tiny_dataset, tmp_path, monkeypatch):
-    import medflow.segmentation.train as train_module
 
     seen = []
 
-    def spy(net, images, **kwargs):
-        seen.append((kwargs.get("sampler"), kwargs.get("steps")))
-        return predict_probs(net, images, **kwargs)
+    from medflow.segmentation.methods import Method
 
-    monkeypatch.setattr(train_module, "predict_probs", spy)
+    real = Method.resolve
+
+    def spy(self, options):
+        resolved = real(self, options)
+        seen.append((self.name, resolved.sampler, resolved.steps))
+        return resolved
+
+    monkeypatch.setattr(Method, "resolve", spy)
     train(tiny_dataset, tmp_path / "d", TrainConfig(model="diffusion", steps=2, **TINY), quiet=True)
     train(tiny_dataset, tmp_path / "f", TrainConfig(steps=2, **TINY), quiet=True)
-    assert seen == [("ddim", 10), (None, None)]  # the flow model keeps one Euler step
+    # the flow model keeps one Euler step
+    assert seen == [("diffusion", "ddim", 10), ("medflowseg-shortcut", "euler", 1)]
 
 
 @pytest.mark.parametrize(
@@ -80,17 +86,10 @@ def test_prediction_counts_steps_times_samples_and_gives_probabilities(
 ):
     data, result = diffusion_run
     predictor = Predictor(result.final_checkpoint, device="cpu")
-    assert predictor.parameterization == "epsilon"
+    assert predictor.method.name == "diffusion"
     calls = count_calls(predictor.net)
     images = torch.randn(5, 1, 16, 16)
-    probs = predict_probs(
-        predictor.net,
-        images,
-        sampler=sampler,
-        steps=steps,
-        samples=samples,
-        parameterization=predictor.parameterization,
-    )
+    probs = predictor.probs(images, SamplingOptions(sampler=sampler, steps=steps, samples=samples))
     assert len(calls) == steps * samples and set(calls) == {5}
     assert probs.shape == (5, 3, 16, 16) and probs.dtype == torch.float32
     assert torch.all(probs >= 0)
@@ -100,9 +99,7 @@ def test_prediction_counts_steps_times_samples_and_gives_probabilities(
 def test_ddpm_1000_steps_on_a_tiny_net():
     net = SegNet(NetConfig(in_channels=1, num_classes=2, channels=(4, 8), dbsa=False, faa=False))
     calls = count_calls(net)
-    probs = predict_probs(
-        net, torch.randn(2, 1, 8, 8), sampler="ddpm", steps=1000, parameterization="epsilon"
-    )
+    probs = diffusion_probs(net, torch.randn(2, 1, 8, 8), sampler="ddpm", steps=1000)
     assert len(calls) == 1000
     assert torch.allclose(probs.sum(1), torch.ones(2, 8, 8), atol=1e-5)
 
@@ -111,9 +108,9 @@ def test_ensembles_average_the_samples_probabilities(diffusion_run):
     _, result = diffusion_run
     net = Predictor(result.final_checkpoint, device="cpu").net
     images = torch.randn(3, 1, 16, 16)
-    kw = dict(sampler="ddim", steps=10, parameterization="epsilon")
-    pair = predict_probs(net, images, samples=2, seed=4, **kw)
-    first = predict_probs(net, images, samples=1, seed=4, **kw)
+    kw = dict(sampler="ddim", steps=10)
+    pair = diffusion_probs(net, images, samples=2, seed=4, **kw)
+    first = diffusion_probs(net, images, samples=1, seed=4, **kw)
     assert not torch.allclose(pair, first)  # the second draw changed the mean
     # sample j of the pair starts from the noise of seed 4 + j
     noises = [
@@ -132,27 +129,29 @@ def test_ddpm_noise_follows_the_seed_not_the_batch(diffusion_run):
     _, result = diffusion_run
     net = Predictor(result.final_checkpoint, device="cpu").net
     images = torch.randn(5, 1, 16, 16)
-    kw = dict(sampler="ddpm", steps=20, parameterization="epsilon", samples=2)
-    whole = predict_probs(net, images, seed=3, batch_size=32, **kw)
-    assert torch.allclose(whole, predict_probs(net, images, seed=3, batch_size=2, **kw), atol=1e-6)
-    assert not torch.allclose(whole, predict_probs(net, images, seed=4, **kw), atol=1e-3)
+    kw = dict(sampler="ddpm", steps=20, samples=2)
+    whole = diffusion_probs(net, images, seed=3, batch_size=32, **kw)
+    halves = diffusion_probs(net, images, seed=3, batch_size=2, **kw)
+    assert torch.allclose(whole, halves, atol=1e-6)
+    assert not torch.allclose(whole, diffusion_probs(net, images, seed=4, **kw), atol=1e-3)
 
 
 def test_samplers_that_do_not_fit_the_model_are_refused(diffusion_run):
     _, result = diffusion_run
-    net = Predictor(result.final_checkpoint, device="cpu").net
+    predictor = Predictor(result.final_checkpoint, device="cpu")
     images = torch.randn(1, 1, 16, 16)
-    for sampler in ("euler", "heun"):
+    for sampler in ("euler", "heun", "shortcut"):
         with pytest.raises(OptionError, match=f"sampler '{sampler}' does not fit a diffusion"):
-            predict_probs(net, images, sampler=sampler, parameterization="epsilon")
+            predictor.probs(images, SamplingOptions(sampler=sampler))
     with pytest.raises(ValueError, match="steps 1001: a diffusion model has 1000 steps"):
-        predict_probs(net, images, sampler="ddim", steps=1001, parameterization="epsilon")
-    flow = SegNet(NetConfig(in_channels=1, num_classes=3, channels=(8, 16)))
-    unet = SegNet(NetConfig(in_channels=1, num_classes=3, channels=(8, 16), flow=False))
-    with pytest.raises(ValueError, match="'ddim' is for diffusion models; this flow model takes"):
-        predict_probs(flow, images, sampler="ddim")
-    with pytest.raises(ValueError, match="'ddpm' is for diffusion models; this UNet model"):
-        predict_probs(unet, images, sampler="ddpm")
+        predictor.probs(images, SamplingOptions(sampler="ddim", steps=1001))
+    flow, unet = MedFlowSeg(TrainConfig(shortcut_fraction=0)), UNet(TrainConfig(model="unet"))
+    with pytest.raises(OptionError, match="'ddim' is for diffusion models; this flow model takes"):
+        flow.resolve(SamplingOptions(sampler="ddim"))
+    with pytest.raises(OptionError, match="'ddpm' is for diffusion models; this UNet model"):
+        unet.resolve(SamplingOptions(sampler="ddpm"))
+    with pytest.raises(OptionError, match="'shortcut' needs a model trained with shortcut"):
+        flow.resolve(SamplingOptions(sampler="shortcut"))
 
 
 def test_checkpoint_round_trip_predicts_the_same(diffusion_run, tmp_path):
@@ -164,10 +163,10 @@ def test_checkpoint_round_trip_predicts_the_same(diffusion_run, tmp_path):
     for name, tensor in ckpt["model"].items():
         assert torch.equal(predictor.net.state_dict()[name], tensor), name
     images = torch.randn(2, 1, 16, 16)
-    kw = dict(sampler="ddim", steps=10, parameterization="epsilon", seed=1)
+    kw = dict(sampler="ddim", steps=10, seed=1)
     again = Predictor(result.final_checkpoint, device="cpu")
     assert torch.equal(
-        predict_probs(predictor.net, images, **kw), predict_probs(again.net, images, **kw)
+        diffusion_probs(predictor.net, images, **kw), diffusion_probs(again.net, images, **kw)
     )
 
 
@@ -193,7 +192,6 @@ def test_predict_without_sampler_flags_takes_the_models_default(diffusion_run, t
     """No --sampler/--steps: DDIM-50 for a diffusion checkpoint, one Euler step for a flow."""
     import nibabel as nib
 
-    from medflow.segmentation.predict import DEFAULT_STEPS, SamplingOptions
 
     data, result = diffusion_run
     args = ["predict", "--model", str(result.final_checkpoint), "--input", str(data / "imagesTs")]
@@ -203,10 +201,9 @@ def test_predict_without_sampler_flags_takes_the_models_default(diffusion_run, t
     for case in ("case04.nii.gz", "case05.nii.gz"):
         auto = np.asarray(nib.load(str(tmp_path / "auto" / case)).dataobj)
         assert np.array_equal(auto, np.asarray(nib.load(str(tmp_path / "d50" / case)).dataobj))
-    assert DEFAULT_STEPS["ddim"] == 50
-    flow = SamplingOptions().resolved(diffusion=False)
+    assert Diffusion.default_steps["ddim"] == 50
+    flow = MedFlowSeg(TrainConfig()).resolve(SamplingOptions())
     assert (flow.sampler, flow.steps) == ("euler", 1)
-    assert SamplingOptions(sampler="ddpm").resolved(diffusion=True).steps == 1000
-    assert SamplingOptions(steps=7).resolved(diffusion=True) == SamplingOptions(
-        sampler="ddim", steps=7
-    )
+    diffusion = Diffusion(TrainConfig(model="diffusion"))
+    assert diffusion.resolve(SamplingOptions(sampler="ddpm")).steps == 1000
+    assert diffusion.resolve(SamplingOptions(steps=7)) == SamplingOptions(sampler="ddim", steps=7)

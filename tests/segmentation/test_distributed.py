@@ -223,9 +223,9 @@ def test_two_processes_train_like_one_with_the_combined_batch(launched, tmp_path
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
 
     # with it, the two processes optimise exactly the mean of two half-batch losses ...
-    import medflow.segmentation.train as train_module
+    import medflow.segmentation.methods as methods_module
 
-    monkeypatch.setattr(train_module, "MedFlowSegLoss", PerRankLoss)
+    monkeypatch.setattr(methods_module, "MedFlowSegLoss", PerRankLoss)
     per_rank = train(data, tmp_path / "per_rank", CONFIG, quiet=True).run_dir
     _assert_close(
         ddp, load_checkpoint(per_rank / "checkpoint_last.pt"), WEIGHT_ATOL_EXACT, OUTPUT_ATOL_EXACT

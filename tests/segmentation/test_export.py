@@ -10,7 +10,7 @@ from medflow.cli import main
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.export import TOLERANCE, export_onnx
-from medflow.segmentation.inference import predict_probs
+from medflow.segmentation.inference import flow_probs, unet_probs
 from medflow.segmentation.predict import Predictor
 from medflow.segmentation.train import train
 
@@ -51,7 +51,7 @@ def test_flow_export_matches_medflow_predict_one_step(exported):
     ckpt, path = exported["medflowseg"]
     net = Predictor(ckpt, device="cpu").net
     images = torch.randn(5, 1, 16, 16)  # a batch size other than the traced one
-    want = predict_probs(net, images, seed=7)  # one Euler step, noise from seed 7
+    want = flow_probs(net, images, seed=7)  # one Euler step, noise from seed 7
     noise = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     got = run(path, image=images, noise=noise)
     assert got.shape == want.shape == (5, 3, 16, 16)
@@ -65,7 +65,7 @@ def test_unet_export_matches_pytorch_and_carries_its_metadata(exported):
     predictor = Predictor(ckpt, device="cpu")
     images = torch.randn(3, 1, 16, 16)
     got = run(path, image=images)
-    assert (got - predict_probs(predictor.net, images)).abs().max() <= TOLERANCE
+    assert (got - unet_probs(predictor.net, images)).abs().max() <= TOLERANCE
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["medflow_labels"]) == {"background": 0, "a": 1, "b": 2}
     assert json.loads(meta["medflow_preprocessing"])["size"] == [16, 16]
@@ -75,8 +75,11 @@ def test_export_refuses_to_overwrite_and_refuses_diffusion(exported, tmp_path, c
     ckpt, path = exported["unet"]
     with pytest.raises(OutputExistsError):
         export_onnx(ckpt, path)
+    from medflow.segmentation.config import TrainConfig as Config
+    from medflow.segmentation.methods import Diffusion
+
     diffusion = Predictor(ckpt, device="cpu")
-    diffusion.parameterization = "epsilon"
+    diffusion.method = Diffusion(Config(model="diffusion"))
     from medflow.segmentation.export import predictor_module
 
     with pytest.raises(MedflowError, match="diffusion model predicts in 10 to 1000"):
@@ -86,7 +89,8 @@ def test_export_refuses_to_overwrite_and_refuses_diffusion(exported, tmp_path, c
 
 
 def test_the_check_reports_a_mismatch(exported):
-    from medflow.segmentation.export import UNetProbs, check_onnx
+    from medflow.segmentation.export import check_onnx
+    from medflow.segmentation.methods import UNetProbs
 
     class Wrong(torch.nn.Module):
         def forward(self, image):

@@ -158,18 +158,18 @@ def test_cli_refuses_shortcut_for_a_model_without_jumps(tmp_path, capsys):
 
 def test_mc_dropout_unet_draws_differ_and_a_plain_unet_draws_once():
     from medflow.models.unet import NetConfig, SegNet
-    from medflow.segmentation.inference import predict_probs
+    from medflow.segmentation.inference import unet_probs
 
     images = torch.randn(3, 1, 8, 8)
     plain = SegNet(NetConfig(1, 3, channels=(8, 16), flow=False))
-    assert predict_probs(plain, images, samples=4, per_sample=True).shape[0] == 1
+    assert unet_probs(plain, images, samples=4, per_sample=True).shape[0] == 1
     mc = SegNet(NetConfig(1, 3, channels=(8, 16), flow=False, dropout=0.3)).eval()
-    one = predict_probs(mc, images, samples=1)  # one sample: the network as trained
+    one = unet_probs(mc, images, samples=1)  # one sample: the network as trained
     with torch.no_grad():
         assert torch.allclose(one, torch.softmax(mc(images), 1), atol=1e-6)
-    draws = predict_probs(mc, images, samples=4, per_sample=True)
+    draws = unet_probs(mc, images, samples=4, per_sample=True)
     assert draws.shape[0] == 4 and not torch.allclose(draws[0], draws[1])
-    again = predict_probs(mc, images, samples=4, per_sample=True)
+    again = unet_probs(mc, images, samples=4, per_sample=True)
     assert torch.equal(draws, again)  # seeded: the same draws every call
     assert all(not m.training for m in mc.modules())  # dropout off again afterwards
 

@@ -146,7 +146,8 @@ def test_naive_velocity_flow_is_available_for_comparison(tiny_dataset, tmp_path)
     result = train(tiny_dataset, tmp_path / "n", TrainConfig(steps=2, **naive, **TINY), quiet=True)
     from medflow.segmentation.predict import Predictor
 
-    assert Predictor(result.final_checkpoint, device="cpu").parameterization == "velocity"
+    method = Predictor(result.final_checkpoint, device="cpu").method
+    assert method.cfg.parameterization == "velocity"
     rows = list(csv.DictReader((tmp_path / "n" / "log.csv").read_text().splitlines()))
     assert all(float(r["seg_loss"]) == 0.0 for r in rows)
 

@@ -123,17 +123,17 @@ def test_an_ensemble_is_the_mean_of_one_sample_calls_with_consecutive_seeds():
     import torch
 
     from medflow.models.unet import NetConfig, SegNet
-    from medflow.segmentation.inference import predict_probs
+    from medflow.segmentation.inference import flow_probs
 
     torch.manual_seed(0)
     net = SegNet(NetConfig(in_channels=1, num_classes=3, channels=(8, 16)))
     images = torch.randn(5, 1, 16, 16)
     kw = dict(steps=2, batch_size=2)
-    apart = predict_probs(net, images, samples=3, seed=4, per_sample=True, **kw)
+    apart = flow_probs(net, images, samples=3, seed=4, per_sample=True, **kw)
     assert apart.shape == (3, 5, 3, 16, 16)
     for j in range(3):
-        one = predict_probs(net, images, samples=1, seed=4 + j, **kw)
+        one = flow_probs(net, images, samples=1, seed=4 + j, **kw)
         assert torch.allclose(apart[j], one, atol=1e-6)
     assert not torch.allclose(apart[0], apart[1], atol=1e-3)  # different noise, different masks
-    fused = predict_probs(net, images, samples=3, seed=4, **kw)
+    fused = flow_probs(net, images, samples=3, seed=4, **kw)
     assert torch.allclose(fused, apart.mean(0), atol=1e-6)

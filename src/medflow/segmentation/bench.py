@@ -63,15 +63,23 @@ METHODS: dict[str, dict] = {
     "diffusion": {"model": "diffusion"},
 }
 ABLATIONS = ("medflowseg-no-dbsa", "medflowseg-no-faa", "medflowseg-no-both")
+
+
+def _euler(steps: int) -> tuple[str, dict]:
+    """``steps`` Euler steps of the instantaneous field, named so: explicit, so that a model
+    with shortcut jumps (whose ``auto`` mask is the one-step posterior mean) takes them too."""
+    return f"euler-{steps}", {"sampler": "euler", "steps": steps}
+
+
 # sampling settings per method: (label, SamplingOptions fields)
 FULL_SETTINGS = {
     "unet": [("1 call", {})],
     "medflowseg": [
-        ("euler-1", {"steps": 1}),
-        ("euler-2", {"steps": 2}),
-        ("euler-4", {"steps": 4}),
-        ("euler-8", {"steps": 8}),
-        ("euler-1 x5", {"steps": 1, "samples": 5}),
+        _euler(1),
+        _euler(2),
+        _euler(4),
+        _euler(8),
+        ("euler-1 x5", {"sampler": "euler", "steps": 1, "samples": 5}),
     ],
     "diffusion": [
         ("ddim-10", {"sampler": "ddim", "steps": 10}),
@@ -79,13 +87,13 @@ FULL_SETTINGS = {
         ("ddim-10 x5", {"sampler": "ddim", "steps": 10, "samples": 5}),
         ("ddpm-1000", {"sampler": "ddpm", "steps": 1000}),
     ],
-    **{a: [("euler-1", {"steps": 1}), ("euler-4", {"steps": 4})] for a in ABLATIONS},
+    **{a: [_euler(1), _euler(4)] for a in ABLATIONS},
 }
 QUICK_SETTINGS = {
     "unet": [("1 call", {})],
-    "medflowseg": [("euler-1", {"steps": 1}), ("euler-4", {"steps": 4})],
+    "medflowseg": [_euler(1), _euler(4)],
     "diffusion": [("ddim-10", {"sampler": "ddim", "steps": 10})],
-    **{a: [("euler-1", {"steps": 1})] for a in ABLATIONS},
+    **{a: [_euler(1)] for a in ABLATIONS},
 }
 # the full mode's shared TrainConfig fields (see BenchConfig for what they cost)
 FULL_TRAIN = {"size": 64, "batch_size": 8, "val_every": 50, "checkpoint_every": 150}
@@ -254,7 +262,9 @@ def measure_setting(
     on one slice (its own calls average the noise) and throughput on ``latency_slices``
     slices in one batch rather than the whole test split (``slow`` in the result).
     """
-    options = predictor.sampling(options)
+    # what predict draws the mask with (for a shortcut model and sampler auto, the
+    # one-evaluation posterior mean), so the cost and times are those of the scored masks
+    options = predictor.mask_options(options)
     device = predictor.device
 
     def run(batch: torch.Tensor) -> None:
@@ -264,14 +274,7 @@ def measure_setting(
 
     # counting runs the prediction path on one slice: it is also the warm-up (allocator,
     # oneDNN's primitive cache), and it says how many calls a slice costs before timing
-    cost = inference_cost(
-        predictor.net,
-        slices.shape[-1],
-        steps=options.steps,
-        sampler=options.sampler,
-        samples=options.samples,
-        parameterization=predictor.parameterization,
-    )
+    cost = inference_cost(predictor.method, predictor.net, slices.shape[-1], options)
     slow = slow_above is not None and cost.evaluations > slow_above
     n_latency = min(1 if slow else latency_slices, slices.shape[0])
     batch = slices[:latency_slices] if slow else slices

@@ -1,7 +1,7 @@
 """What one prediction costs, counted rather than timed: parameters, network evaluations and
 GFLOPs per slice, for any model and sampler setting.
 
-Counting runs the real prediction path (:func:`medflow.segmentation.inference.predict_probs`)
+Counting runs the real prediction path (the method's ``probs``)
 on one blank slice under torch's ``FlopCounterMode``, so what the path shares between steps
 (a flow model's image features, computed once per slice) is counted once, as it runs.
 ``FlopCounterMode`` counts the matrix products and convolutions (2 FLOPs per multiply-add);
@@ -17,7 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from medflow.models.unet import SegNet, count_parameters
-from medflow.segmentation.inference import predict_probs
+from medflow.segmentation.inference import SamplingOptions
+from medflow.segmentation.methods import Method
 
 
 @dataclass(frozen=True)
@@ -36,29 +37,16 @@ class InferenceCost:
 
 
 def inference_cost(
-    net: SegNet,
-    size: int,
-    *,
-    steps: int = 1,
-    sampler: str = "euler",
-    samples: int = 1,
-    parameterization: str = "endpoint",
+    method: Method, net: SegNet, size: int, options: SamplingOptions = SamplingOptions()
 ) -> InferenceCost:
-    """Count what :func:`predict_probs` spends on one ``size x size`` slice with these
-    options (a plain UNet ignores them: one call)."""
+    """Count what ``method`` spends predicting one ``size x size`` slice with ``options``
+    (a plain UNet: one call, whatever the steps)."""
     image = torch.zeros(1, net.cfg.in_channels, size, size, device=next(net.parameters()).device)
     calls: list[int] = []
     handle = net.register_forward_hook(lambda *_: calls.append(1))
     try:
         with FlopCounterMode(display=False) as counter:
-            predict_probs(
-                net,
-                image,
-                steps=steps,
-                sampler=sampler,
-                samples=samples,
-                parameterization=parameterization,
-            )
+            method.probs(net, image, options)
     finally:
         handle.remove()
     return InferenceCost(count_parameters(net), len(calls), counter.get_total_flops() / 1e9)

@@ -27,42 +27,12 @@ from torch import nn
 
 from medflow.data.io import atomic_write
 from medflow.errors import MedflowError, OutputExistsError
-from medflow.flows.diffusion import EPSILON
-from medflow.flows.encoding import flow_to_probs
-from medflow.flows.parameterization import FlowField
-from medflow.flows.samplers import one_step
 from medflow.segmentation.predict import Predictor
 
 # float32 ONNX Runtime against float32 PyTorch on the same CPU: differences come from the
 # kernels' summation order only (measured 3e-7 on probabilities of the test models)
 TOLERANCE = 1e-4
 OPSET = 18
-
-
-class OneStepFlow(nn.Module):
-    """``(image, noise) -> probs``: one Euler step of a flow network from ``t = 0``.
-
-    Shapes: image ``(B, C, H, W)``, noise ``(B, K, H, W)``, probs ``(B, K, H, W)``.
-    """
-
-    def __init__(self, net: nn.Module, parameterization: str, min_gap: float) -> None:
-        super().__init__()
-        self.net = net
-        self.field = FlowField(net, parameterization, min_gap)
-
-    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return flow_to_probs(one_step(self.field, noise, self.field.condition(image)))
-
-
-class UNetProbs(nn.Module):
-    """``image (B, C, H, W) -> probs (B, K, H, W)`` of the plain UNet."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(image), dim=1)
 
 
 @dataclass(frozen=True)
@@ -82,29 +52,26 @@ class ExportResult:
 
 
 def predictor_module(predictor: Predictor) -> tuple[nn.Module, tuple[str, ...]]:
-    """The module to export for a loaded checkpoint and the names of its inputs."""
-    if predictor.parameterization == EPSILON:
-        raise MedflowError(
-            f"{predictor.path}: a diffusion model predicts in 10 to 1000 network calls; "
-            "export covers one-call predictors (MedFlowSeg, UNet)"
-        )
-    net = predictor.net.cpu().float().eval()
-    if not predictor.net_cfg.flow:
-        return UNetProbs(net).eval(), ("image",)
-    return OneStepFlow(net, predictor.parameterization, predictor.min_gap).eval(), (
-        "image",
-        "noise",
-    )
+    """The module to export for a loaded checkpoint (its method's, on the CPU in float32)
+    and the names of its inputs.
+
+    Raises:
+        MedflowError: a method with no one-call predictor (diffusion)."""
+    try:
+        return predictor.method.export_module(predictor.net.cpu().float().eval())
+    except MedflowError as exc:
+        raise MedflowError(f"{predictor.path}: {exc}") from None
 
 
-def example_inputs(predictor: Predictor, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random inputs of the exported model's shapes: ``batch`` slices of the training size."""
+def example_inputs(
+    predictor: Predictor, names: tuple[str, ...], batch: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs for the exported module's ``names``: ``batch`` slices of the training
+    size (``"image"``) and, for a flow, their noise (``"noise"``)."""
     gen = torch.Generator().manual_seed(seed)
     cfg, (h, w) = predictor.net_cfg, predictor.prep.size
-    image = torch.randn(batch, cfg.in_channels, h, w, generator=gen)
-    if not cfg.flow:
-        return (image,)
-    return image, torch.randn(batch, cfg.num_classes, h, w, generator=gen)
+    channels = {"image": cfg.in_channels, "noise": cfg.num_classes}
+    return tuple(torch.randn(batch, channels[n], h, w, generator=gen) for n in names)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> ExportResult:
@@ -128,7 +95,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, force: bool = False)
         with _quiet_exporter():
             program = torch.onnx.export(
                 module,
-                example_inputs(predictor, 2),
+                example_inputs(predictor, names, 2),
                 dynamo=True,
                 opset_version=OPSET,
                 input_names=list(names),
@@ -146,14 +113,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, force: bool = False)
             "medflow_labels": json.dumps(predictor.labels),
             "medflow_channel_names": json.dumps(predictor.channel_names),
             "medflow_preprocessing": json.dumps(predictor.prep.to_dict()),
-            "medflow_parameterization": predictor.parameterization,
+            "medflow_method": predictor.method.name,
+            "medflow_parameterization": predictor.method.cfg.parameterization,
         }
     )
     diff: list[float | None] = [None]
 
     def write(tmp: Path) -> None:
         program.save(str(tmp))
-        diff[0] = check_onnx(tmp, module, example_inputs(predictor, 3, seed=1), names)
+        diff[0] = check_onnx(tmp, module, example_inputs(predictor, names, 3, seed=1), names)
 
     atomic_write(out, write)
     return ExportResult(out, names, diff[0])

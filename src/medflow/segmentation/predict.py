@@ -39,17 +39,14 @@ from medflow.engine.checkpoint import load_checkpoint
 from medflow.engine.distributed import Ranks, barrier, process_group
 from medflow.engine.runtime import configure_net, progress, resolve_device
 from medflow.errors import DataError, OutputExistsError
-from medflow.flows.diffusion import EPSILON
 from medflow.models.unet import NetConfig, SegNet
-from medflow.segmentation.inference import SHORTCUT, predict_probs
-from medflow.uncertainty.fusion import FUSIONS, SampleStats
+from medflow.segmentation.inference import SamplingOptions
+from medflow.segmentation.methods import method_from_checkpoint
+from medflow.uncertainty.fusion import SampleStats
 from medflow.uncertainty.maps import entropy_map, png_scale
 
 # written beside the masks by an uncertainty run: checkpoint, options, cases, version
 RECORD = "prediction.json"
-# steps when none are asked for: the flow's single evaluation; for the diffusion baseline
-# DDIM-50, the budget MedSegDiff's users run with a fast solver, and every DDPM step
-DEFAULT_STEPS = {"euler": 1, "heun": 1, "shortcut": 1, "ddim": 50, "ddpm": 1000}
 # fill value and dtype outside the crop box of each native map of predict_uncertain
 FILL = {
     "labels": (0, np.int16),
@@ -57,43 +54,6 @@ FILL = {
     "var": (0, np.float32),
     "ent": (0, np.float32),
 }
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How a generative model (flow or diffusion) turns noise into a mask.
-
-    Attributes:
-        steps: network steps; None takes the model's default (:data:`DEFAULT_STEPS`: one
-            Euler step, one network evaluation, for a flow model; 50 DDIM steps for a
-            diffusion model).
-        sampler: ``"euler"`` or ``"heun"`` for a flow model, ``"ddim"`` or ``"ddpm"`` for a
-            diffusion model; ``"auto"`` picks ``"euler"`` or ``"ddim"`` by the checkpoint.
-        samples: noise draws averaged into one soft mask (an ensemble).
-        seed: seed of the noise (sample ``s`` starts from seed ``seed + s``).
-        batch_size: slices per network call.
-        fusion: ``"mean"`` (argmax of the mean soft mask) or ``"vote"`` (majority vote of
-            the samples' label maps); used by :meth:`Predictor.predict_uncertain`.
-    """
-
-    steps: int | None = None
-    sampler: str = "auto"
-    samples: int = 1
-    seed: int = 0
-    batch_size: int = 32
-    fusion: str = "mean"
-
-    def resolved(self, diffusion: bool) -> SamplingOptions:
-        """These options with ``"auto"`` and ``None`` replaced by the model's defaults."""
-        sampler = self.sampler
-        if sampler == "auto":
-            sampler = "ddim" if diffusion else "euler"
-        steps = DEFAULT_STEPS.get(sampler, 1) if self.steps is None else self.steps
-        return dataclasses.replace(self, sampler=sampler, steps=steps)
-
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {list(FUSIONS)}")
 
 
 @dataclass(frozen=True)
@@ -156,9 +116,7 @@ class Predictor:
             self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
             self.labels = {str(k): int(v) for k, v in ckpt["labels"].items()}
             self.channel_names = list(ckpt["channel_names"])
-            self.min_gap = float(ckpt["config"].get("min_gap", 0.05))
-            self.parameterization = str(ckpt["config"].get("parameterization", "endpoint"))
-            self.shortcut_max_steps = int(ckpt["config"].get("shortcut_max_steps", 8))
+            self.method = method_from_checkpoint(ckpt)
             net = SegNet(self.net_cfg)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise DataError(
@@ -185,27 +143,19 @@ class Predictor:
         self._runner = configure_net(self.net, channels_last=channels_last, compile=compile)
 
     def sampling(self, options: SamplingOptions) -> SamplingOptions:
-        """``options`` with the sampler and steps this model takes by default filled in."""
-        return options.resolved(diffusion=self.parameterization == EPSILON)
+        """``options`` with the sampler and steps this model takes by default filled in,
+        checked against its method.
+
+        Raises:
+            OptionError: a sampler or steps the method does not take."""
+        return self.method.resolve(options)
 
     def probs(
         self, slices: torch.Tensor, options: SamplingOptions, per_sample: bool = False
     ) -> torch.Tensor:
-        """Class probabilities of network-ready ``slices`` under resolved ``options``
-        (:func:`medflow.segmentation.inference.predict_probs` with this model's settings)."""
-        return predict_probs(
-            self._runner,
-            slices,
-            steps=options.steps,
-            sampler=options.sampler,
-            samples=options.samples,
-            seed=options.seed,
-            batch_size=options.batch_size,
-            parameterization=self.parameterization,
-            min_gap=self.min_gap,
-            per_sample=per_sample,
-            shortcut_max_steps=self.shortcut_max_steps,
-        )
+        """Class probabilities of network-ready ``slices`` under ``options``, by this
+        checkpoint's method (:mod:`medflow.segmentation.methods`)."""
+        return self.method.probs(self._runner, slices, options, per_sample=per_sample)
 
     def predict_volume(
         self, image: Volume, options: SamplingOptions = SamplingOptions()
@@ -228,32 +178,23 @@ class Predictor:
     @property
     def stochastic(self) -> bool:
         """Whether samples differ: a flow or diffusion model, or a UNet with dropout."""
-        return bool(self.net_cfg.flow or self.net_cfg.dropout > 0)
+        return self.method.stochastic(self.net_cfg)
 
     @property
     def posterior(self) -> bool:
         """Whether the model draws posterior samples in one evaluation (shortcut jumps)."""
-        return bool(self.net_cfg.step_input)
+        return self.method.posterior
 
     def mask_options(self, options: SamplingOptions) -> SamplingOptions:
-        """The resolved options the mask is predicted with: for a model with shortcut jumps
-        and ``sampler="auto"``, the one-evaluation posterior mean (one Euler step of the
-        instantaneous field from seed ``options.seed``; ``samples`` and ``steps`` then
-        concern only the samples of :meth:`predict_uncertain`); otherwise ``options``."""
-        if self.posterior and options.sampler == "auto":
-            one = dataclasses.replace(options, sampler="euler", steps=1, samples=1)
-            return self.sampling(one)
-        return self.sampling(options)
+        """The resolved options the mask is predicted with (for a model with shortcut jumps
+        and ``sampler="auto"``, the one-evaluation posterior mean)."""
+        return self.method.mask_options(options)
 
     def uncertain_options(self, options: SamplingOptions) -> tuple[SamplingOptions, bool]:
         """The resolved options the samples of :meth:`predict_uncertain` are drawn with, and
-        whether the mask comes from a separate one-evaluation posterior mean: for a model
-        with shortcut jumps and ``sampler="auto"``, samples are one shortcut jump each (or
-        ``steps`` jumps) and the mean is one Euler step of the instantaneous field."""
-        if self.posterior and options.sampler == "auto":
-            steps = 1 if options.steps is None else options.steps
-            return self.sampling(dataclasses.replace(options, sampler=SHORTCUT, steps=steps)), True
-        return self.sampling(options), False
+        whether the mask comes from a separate one-evaluation posterior mean (a model with
+        shortcut jumps and ``sampler="auto"``)."""
+        return self.method.sample_options(options)
 
     def predict_uncertain(
         self,
@@ -577,6 +518,7 @@ def _write_record(
     sample_opts, separate_mean = predictor.uncertain_options(options)
     record = {
         "model": str(predictor.path.resolve()),
+        "method": predictor.method.name,
         "flow": bool(predictor.net_cfg.flow),
         "options": dataclasses.asdict(sample_opts),
         # the mask's source: the one-evaluation posterior mean, or the samples fused

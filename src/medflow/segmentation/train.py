@@ -51,21 +51,11 @@ from medflow.engine.logs import read_log_until, write_log
 from medflow.engine.runtime import autocast, configure_threads, progress, resolve_device
 from medflow.engine.schedule import ema_update, lr_factor
 from medflow.errors import MedflowError, OutputExistsError
-from medflow.flows.diffusion import DiffusionSchedule, network_time, q_sample
-from medflow.flows.encoding import mask_to_flow
-from medflow.flows.losses import LossTerms, MedFlowSegLoss, epsilon_loss
-from medflow.flows.parameterization import FlowField
-from medflow.flows.paths import LinearPath, PathSample, sample_time
-from medflow.flows.shortcut import (
-    ShortcutDraw,
-    consistency_target,
-    sample_jumps,
-    shortcut_loss,
-)
+from medflow.flows.losses import LossTerms
 from medflow.metrics.overlap import dice_per_class
-from medflow.models.unet import NetConfig, SegNet
+from medflow.models.unet import SegNet
 from medflow.segmentation.config import TrainConfig
-from medflow.segmentation.inference import predict_probs
+from medflow.segmentation.methods import TrainBatch, method_for
 
 LAST, BEST, FINAL = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 RUN_FILES = ("config.json", "log.csv", LAST, BEST, FINAL)
@@ -75,9 +65,6 @@ PARTIAL = re.compile(
     r"\.partial-\d+\.(json|csv|png|pt)"
 )
 SLAB_GAP = 2  # slices dropped each side of a validation slab cut from a single volume
-# how validation samples each model (MedFlowSeg and the UNet: predict_probs' defaults);
-# DDIM with 10 steps costs ten evaluations, a cheap proxy for the samplers used to predict
-VALIDATION_SAMPLING = {"diffusion": {"sampler": "ddim", "steps": 10}}
 
 
 @dataclass(frozen=True)
@@ -92,19 +79,8 @@ class TrainResult:
 
 
 def build_net(cfg: TrainConfig, in_channels: int, num_classes: int) -> SegNet:
-    return SegNet(
-        NetConfig(
-            in_channels=in_channels,
-            num_classes=num_classes,
-            channels=cfg.channels,
-            flow=cfg.model != "unet",
-            dbsa=cfg.dbsa,
-            faa=cfg.faa,
-            image_branch=cfg.image_branch,
-            step_input=cfg.shortcut_fraction > 0,
-            dropout=cfg.dropout,
-        )
-    )
+    """The network ``cfg``'s method trains."""
+    return SegNet(method_for(cfg).net_config(in_channels, num_classes))
 
 
 def _load_split(
@@ -184,11 +160,7 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
         )
-        self.loss_fn = MedFlowSegLoss(
-            cfg.parameterization, cfg.loss_weighting, cfg.min_gap, cfg.flow_weight, cfg.seg_weight
-        )
-        self.path = LinearPath()
-        self.schedule = DiffusionSchedule.linear()
+        self.method = method_for(cfg)
         self.start, self.best_val, self.best_step = 0, None, 0
         if state is not None:
             self.net.load_state_dict(state["model"])
@@ -226,107 +198,16 @@ class _Run:
             "medflow_version": __version__,
         }
 
-    def losses(self, images: torch.Tensor, masks: torch.Tensor):
-        """Loss terms of one batch: a point on the flow path for MedFlowSeg, a noised mask
-        at a uniform DDPM step for the diffusion baseline, or the segmentation loss alone for
-        the UNet.
+    def losses(self, images: torch.Tensor, masks: torch.Tensor) -> LossTerms:
+        """Loss terms of one batch by the run's method (:mod:`medflow.segmentation.methods`).
 
         ``images`` and ``masks`` are the whole global batch; the network sees this rank's
         rows of it. Every rank draws the noise and times of the whole batch too, so the
         ranks' generators stay in step and their rows together are the single-process batch.
         """
-        cfg, part = self.cfg, self.part
-        if not self.net.cfg.flow:
-            return self.loss_fn.segmentation_only(self.model(images[part]), masks[part])
-        x1 = mask_to_flow(masks, self.k)
-        x0 = torch.randn(x1.shape, generator=self.gen).to(self.dev)
-        if cfg.model == "diffusion":
-            # x0 is DDPM's noise: the network reads the noised mask and must name x0
-            i = torch.randint(self.schedule.num_steps, (x1.shape[0],), generator=self.gen)
-            x0, x1, i, images = x0[part], x1[part], i[part].to(self.dev), images[part]
-            x_t = q_sample(x1, i, x0, self.schedule)
-            return epsilon_loss(
-                self.model(x_t, network_time(i, self.schedule.num_steps), images), x0
-            )
-        t, d = self._times(x1.shape[0])
-        x0, x1, t, d, images, masks = (v[part] for v in (x0, x1, t, d, images, masks))
-        sample = self.path.sample(x0, x1, t)
-        if not self.net.cfg.step_input:
-            return self.loss_fn(self.model(sample.x_t, t, images), sample, x1, masks)
-        logits = self.model(sample.x_t, t, images, step=d)
-        return self._with_shortcut(logits, sample, x1, masks, images, d)
-
-    def _jump_rows(self, batch: int) -> int:
-        """Rows of a global batch of ``batch`` trained on shortcut jumps (the last ones)."""
-        return round(self.cfg.shortcut_fraction * batch) if self.net.cfg.step_input else 0
-
-    def _times(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training times and jump sizes ``(B,)``: the first rows at jump 0 (flow matching,
-        the configured time schedule), the last ``shortcut_fraction`` of the batch on the
-        shortcut grid (:func:`medflow.flows.shortcut.sample_jumps`)."""
-        cfg = self.cfg
-        n_jump = self._jump_rows(batch)
-        t = sample_time(
-            batch - n_jump,
-            cfg.time_schedule,
-            loc=cfg.time_loc,
-            scale=cfg.time_scale,
-            zero_fraction=cfg.time_zero_fraction,
-            generator=self.gen,
+        return self.method.loss(
+            TrainBatch(images, masks, self.model, self.net, self.gen, self.part)
         )
-        d = torch.zeros(batch - n_jump)
-        if n_jump:
-            draw = sample_jumps(n_jump, cfg.shortcut_max_steps, self.gen)
-            t, d = torch.cat([t, draw.t]), torch.cat([d, draw.d])
-        return t.to(self.dev), d.to(self.dev)
-
-    def _with_shortcut(self, logits, sample: PathSample, x1, masks, images, d) -> LossTerms:
-        """Flow matching + segmentation loss on the rows at jump 0, shortcut
-        self-consistency on the others. Each term is its loss over this rank's rows of that
-        kind, weighted by this rank's share of them (rows of the kind here / rows here,
-        over the kind's share of the global batch), so the mean of the ranks' losses under
-        DDP is the one-process loss for every per-row mean (squared errors, cross-entropy;
-        the batch-pooled soft Dice stays per rank, docs/DISTRIBUTED.md). In one process the
-        weights are 1: each term is the plain mean over its rows."""
-        flat, jump = d == 0, d > 0
-        n_jump = self._jump_rows(self.cfg.batch_size)
-        glob = {"flat": 1.0 - n_jump / self.cfg.batch_size, "jump": n_jump / self.cfg.batch_size}
-        zero = logits.sum() * 0.0  # a part with no rows on this rank adds nothing
-        flat_total, flow, seg, sc = zero, zero, zero, zero
-        if bool(flat.any()):
-            part = PathSample(sample.x_t[flat], sample.dx_t[flat], sample.t[flat])
-            terms = self.loss_fn(logits[flat], part, x1[flat], masks[flat])
-            weight = (int(flat.sum()) / d.shape[0]) / glob["flat"]
-            flow, seg = terms.flow * weight, terms.seg * weight
-            # the loss function's own total, reweighted (a non-finite total, a diverged
-            # run, stays non-finite)
-            flat_total = (
-                terms.total
-                + self.cfg.flow_weight * (flow - terms.flow)
-                + self.cfg.seg_weight * (seg - terms.seg)
-            )
-        if bool(jump.any()):
-            target = self._jump_target(sample.x_t[jump], sample.t[jump], d[jump], images[jump])
-            sc = shortcut_loss(logits[jump], sample.x_t[jump], sample.t[jump], target)
-            sc = sc * (int(jump.sum()) / d.shape[0]) / glob["jump"]
-        return LossTerms(flat_total + sc, flow, seg, sc)
-
-    def _jump_target(self, x_t, t, d, images) -> torch.Tensor:
-        """Self-consistency target of jumps ``d`` from ``x_t`` by the current network, with
-        dropout (if any) off: a target is the network's estimate, not a random draw."""
-        field = FlowField(self.net, self.cfg.parameterization, self.cfg.min_gap)
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            cond = field.condition(images)
-            return consistency_target(
-                lambda x, tt, dd: field.jump(x, tt, dd, cond),
-                x_t,
-                ShortcutDraw(t=t, d=d),
-                self.cfg.shortcut_max_steps,
-            )
-        finally:
-            self.net.train(was_training)
 
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
@@ -367,13 +248,7 @@ class _Run:
 
     def validate(self, done: int) -> dict:
         """Dice of the EMA weights on the validation slices; keeps the best checkpoint."""
-        probs = predict_probs(
-            self.ema,
-            self.val_set.images,
-            parameterization=self.cfg.parameterization,
-            min_gap=self.cfg.min_gap,
-            **VALIDATION_SAMPLING.get(self.cfg.model, {}),
-        )
+        probs = self.method.probs(self.ema, self.val_set.images, self.method.validation)
         per_class = dice_per_class(probs.argmax(1), self.val_set.masks, self.k)
         row = {
             "val_dice": float(np.mean(per_class)),
@@ -390,6 +265,7 @@ class _Run:
         return {
             "format": FORMAT,
             "medflow_version": __version__,
+            "method": self.method.name,
             "config": self.cfg.to_dict(),
             "net": self.net.cfg.to_dict(),
             "preprocessing": self.prep.to_dict(),
