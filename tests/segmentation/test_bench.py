@@ -16,9 +16,9 @@ from medflow.segmentation.bench import (
     METHODS,
     QUICK_SETTINGS,
     BenchConfig,
-    _method_style,
     aggregate,
     markdown_table,
+    method_style,
     run_bench,
 )
 
@@ -202,7 +202,7 @@ def test_ablations_train_the_network_their_name_says(ablated):
     table = markdown_table(record["rows"])
     for m in ABLATIONS:
         assert f"| {m} | euler-1 | 2 | 2 |" in table
-    styles = {m: tuple(_method_style(m).values()) for m in METHODS}
+    styles = {m: tuple(method_style(m).values()) for m in METHODS}
     assert len(set(styles.values())) == len(METHODS)
     assert (out / "dice_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -252,7 +252,7 @@ def test_cli_selects_an_ablation_in_quick_mode(tmp_path, capsys):
 
 
 def test_probe_times_neither_the_first_steps_nor_the_validating_last(tmp_path, monkeypatch):
-    from medflow.segmentation import bench
+    from medflow.segmentation.bench import run as bench
 
     asked = {}
 

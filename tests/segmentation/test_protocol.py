@@ -1,0 +1,79 @@
+"""The one runner: every arm trained, predicted and scored the same way, resumable."""
+
+import json
+
+import pytest
+from conftest import TINY_TRAIN, make_nnunet_dataset
+
+import medflow.segmentation.protocol as protocol
+from medflow.segmentation.inference import SamplingOptions
+from medflow.segmentation.protocol import Arm, Setting, run_protocol
+
+FIELDS = {**TINY_TRAIN, "steps": 2, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_nnunet_dataset(tmp_path_factory.mktemp("protocol") / "ds", n_test=1)
+
+
+def _arms(data, **extra):
+    two = (Setting("one step"), Setting("euler-2", SamplingOptions(sampler="euler", steps=2)))
+    return [
+        Arm("unet", data, {**FIELDS, "model": "unet"}, tags={"method": "unet"}),
+        Arm("flow", data, {**FIELDS, **extra}, two, tags={"method": "medflowseg"}),
+    ]
+
+
+def test_rows_are_the_runs_own_scores_and_carry_the_same_fields(data, tmp_path):
+    rows = run_protocol(_arms(data), [0], tmp_path)
+    assert [(r["arm"], r["setting"]) for r in rows] == [
+        ("unet", "default"),
+        ("flow", "one step"),
+        ("flow", "euler-2"),
+    ]
+    assert len({frozenset(r) for r in rows}) == 1  # one schema
+    for r in rows:
+        tag = "one_step" if r["setting"] == "one step" else r["setting"]
+        summary = json.loads((tmp_path / r["run"] / f"eval_{tag}" / "summary.json").read_text())
+        assert r["foreground"] == summary["foreground_mean"]
+        assert r["train_steps"] == 2 and r["seeds_evaluated"] == 1
+        assert (tmp_path / r["checkpoint"]).is_file()
+    flow = {r["setting"]: r["options"] for r in rows if r["arm"] == "flow"}
+    assert (flow["one step"]["sampler"], flow["one step"]["steps"]) == ("euler", 1)
+    assert (flow["euler-2"]["sampler"], flow["euler-2"]["steps"]) == ("euler", 2)
+
+
+def test_reuse_reads_back_a_finished_run_and_retrains_a_changed_one(data, tmp_path, monkeypatch):
+    first = run_protocol(_arms(data), [0], tmp_path)
+    real, trained = protocol.train, []
+
+    def counting(data, out, cfg, **kw):
+        trained.append(out.name)
+        return real(data, out, cfg, **kw)
+
+    monkeypatch.setattr(protocol, "train", counting)
+    assert run_protocol(_arms(data), [0], tmp_path, reuse=True) == first
+    assert trained == []
+    run_protocol(_arms(data, lr=1e-3), [0], tmp_path, reuse=True)
+    assert trained == ["flow_seed0"]  # only the arm whose config changed
+
+
+def test_a_slow_setting_runs_on_the_first_seed_only_and_train_only_arms_give_checkpoints(
+    data, tmp_path
+):
+    def measure(predictor, arm, setting):
+        return {"slow": setting.label == "euler-2"}
+
+    arm = Arm("flow", data, FIELDS, _arms(data)[1].settings, measure=measure)
+    rows = run_protocol([arm, Arm("plain", data, FIELDS, settings=())], [0, 1], tmp_path)
+    flow = [(r["seed"], r["setting"], r["seeds_evaluated"]) for r in rows if r["arm"] == "flow"]
+    assert flow == [(0, "one step", 2), (0, "euler-2", 1), (1, "one step", 2)]
+    plain = [r for r in rows if r["arm"] == "plain"]
+    assert [r["seed"] for r in plain] == [0, 1] and all("setting" not in r for r in plain)
+    assert all((tmp_path / r["checkpoint"]).is_file() for r in plain)
+
+
+def test_arm_names_must_be_distinct_folders(data, tmp_path):
+    with pytest.raises(ValueError, match="unique"):
+        run_protocol([Arm("a b", data), Arm("a_b", data)], [0], tmp_path)
