@@ -1,6 +1,7 @@
 """The ``medflow`` command: one verb per pipeline stage.
 
     medflow datasets list | build NAME --out DIR | verify DIR
+    medflow plan     DATA [--out plans.json] [--memory-gib G] [--set FIELD=VALUE ...]
     medflow train    --data DIR --out RUN_DIR [hyperparameters]
     medflow predict  --model CHECKPOINT --input FILE_OR_DIR --out DIR [--uncertainty]
     medflow evaluate --pred DIR --ref DIR --out DIR [--raters DATASET [--samples S ...]]
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medflow {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_datasets(verbs)
+    _add_plan(verbs)
     _add_train(verbs)
     _add_predict(verbs)
     _add_evaluate(verbs)
@@ -157,6 +159,31 @@ def _add_datasets(verbs) -> None:
     )
     v = ds_verbs.add_parser("verify", help="open every file of a dataset and report problems")
     v.add_argument("root", type=Path, help="dataset folder (nnU-Net raw v2 or MSD)")
+
+
+def _add_plan(verbs) -> None:
+    """`medflow plan`."""
+    p = verbs.add_parser(
+        "plan", help="fingerprint a dataset and plan how to train on it (docs/PLANNING.md)"
+    )
+    p.add_argument("data", type=Path, help="dataset folder (nnU-Net raw v2 or MSD)")
+    p.add_argument("--out", type=Path, help="plans.json to write (default: only print the plan)")
+    p.add_argument(
+        "--memory-gib",
+        type=float,
+        default=8.0,
+        metavar="G",
+        help="training memory budget in GiB that patch and batch size are fitted to (default 8)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a plan field, e.g. --set patch_size=256,256 --set levels=5 (repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
 
 def _add_train(verbs) -> None:
@@ -437,6 +464,41 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from medflow.data.fingerprint import fingerprint_dataset
+    from medflow.data.layout import load_dataset
+    from medflow.data.plan import format_plan, parse_overrides, plan_from_fingerprint, write_plan
+    from medflow.errors import OutputExistsError
+
+    overrides = {}
+    for item in args.overrides:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise MedflowError(f"--set {item!r}: expected FIELD=VALUE, e.g. patch_size=256,256")
+        overrides[name.strip()] = value
+    # every option is checked before any image is read
+    for flag, given in (("--set", overrides), ("--memory-gib", {"memory_gib": args.memory_gib})):
+        try:
+            parse_overrides(given)
+        except ValueError as exc:
+            raise MedflowError(f"bad plan option: {flag}: {exc}") from exc
+    if args.out is not None:
+        if args.out.is_dir():
+            raise MedflowError(f"{args.out}: is a folder; expected a file path like plans.json")
+        if args.out.exists() and not args.force:
+            raise OutputExistsError(args.out)
+    fingerprint = fingerprint_dataset(load_dataset(args.data))
+    try:
+        plan = plan_from_fingerprint(fingerprint, memory_gib=args.memory_gib, overrides=overrides)
+    except ValueError as exc:
+        raise MedflowError(f"bad plan option: {exc}") from exc
+    print(format_plan(plan))
+    if args.out is not None:
+        write_plan(args.out, plan)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from medflow.segmentation.config import TrainConfig
     from medflow.segmentation.train import train
@@ -699,6 +761,7 @@ def _synth(args: argparse.Namespace) -> int:
 VERBS = {
     "synth": _synth,
     "datasets": _datasets,
+    "plan": _plan,
     "train": _train,
     "predict": _predict,
     "evaluate": _evaluate,

@@ -19,6 +19,10 @@
   the whole template, so it is coherent across slabs. ``labels{Tr,Ts}`` hold rater 0,
   ``raters{Tr,Ts}/{case}_raterNN`` the others, ``probabilities{Tr,Ts}/{case}`` the
   ``(X, Y, Z, K)`` float32 distribution the raters sample.
+* ``mni152-lesions``: axial slabs of the same T1 (32 slices, gaps of 8), each case with its
+  own SIMULATED lesions (:mod:`medflow.data.lesions`: ellipsoids and blobs of 3-30 mm,
+  hypo- or hyper-intense, some reaching the cortex, some cases without any) and its own
+  gain and bias field; binary labels; the test cases come from their own slab.
 * ``dsb-nuclei``: the DSB2018 fluorescence-nuclei image and instance mask that stardist's
   wheel carries (512 x 512), with instances merged into a binary nuclei mask, cut into tiles;
   tiles from the left half train, tiles from the right half test. Written as PNG.
@@ -30,12 +34,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from medflow.data.io import atomic_write, build_folder
+from medflow.data.lesions import LesionConfig, SimulatedCase, brain_depth, simulate_case
 from medflow.errors import MedflowError, OutputExistsError
 
 
@@ -399,6 +404,121 @@ def build_mni152_tissue_shifted(
     return meta
 
 
+LESION_LABELS = {"background": 0, "lesion": 1}
+INTENSITY_SCALE = 1000.0  # mni152-lesions images: int16, the T1's [0, 1] x 1000
+
+
+def _mni152_t1() -> tuple[np.ndarray, np.ndarray]:
+    """nilearn's MNI152 2009a T1 at 1 mm, ``(X, Y, Z)`` float32, and its affine (without the
+    tissue maps, which ``mni152-lesions`` does not need)."""
+    from nilearn import datasets as nd
+
+    t1 = nd.load_mni152_template(resolution=1)
+    return t1.get_fdata(dtype=np.float32), t1.affine
+
+
+def build_mni152_lesions(
+    out: Path,
+    train_cases: int = 24,
+    test_cases: int = 8,
+    seed: int = 0,
+    thickness: int = 32,
+    gap: int = 8,
+    test_slabs: tuple[int, ...] = (2,),
+    config: LesionConfig | None = None,
+) -> dict:
+    """Write ``mni152-lesions`` to ``out``: cases cut from axial slabs of the real MNI152 T1
+    (1 mm), each with its own SIMULATED lesions, gain and bias field
+    (:func:`medflow.data.lesions.simulate_case`), binary labels; returns its
+    ``dataset.json``.
+
+    The slabs (``thickness`` slices, ``gap`` discarded between neighbours) of
+    ``test_slabs`` give the test cases, the others the training cases, so no training case
+    shares or neighbours a slice of a test case; cases go round their split's slabs in turn.
+    Case ``i`` (over both splits) draws from ``numpy.random.default_rng([seed, i])``.
+
+    Raises:
+        MedflowError: a case count below 1, or ``test_slabs`` leaving no slab for a split.
+    """
+    config = LesionConfig() if config is None else config
+    for name, n in (("train_cases", train_cases), ("test_cases", test_cases)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise MedflowError(f"{name} must be an integer of at least 1, got {n!r}")
+    image, affine = _mni152_t1()
+    z_any = np.flatnonzero((image > 0).any(axis=(0, 1)))
+    ranges = mni152_slabs(image.shape[2], thickness, gap, int(z_any[0]), int(z_any[-1]))
+    test = [k for k in range(len(ranges)) if k in test_slabs]
+    train = [k for k in range(len(ranges)) if k not in test_slabs]
+    if not test or not train:
+        raise MedflowError(
+            f"test slabs {list(test_slabs)} of {len(ranges)} leave no slab for a split"
+        )
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    depths: dict[int, np.ndarray] = {}
+    for dirname in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (out / dirname).mkdir(parents=True, exist_ok=True)
+    split: dict[str, list] = {"train": [], "test": []}
+    plan = [("train", train[i % len(train)]) for i in range(train_cases)]
+    plan += [("test", test[i % len(test)]) for i in range(test_cases)]
+    for i, (which, k) in enumerate(plan):
+        z0, z1 = ranges[k]
+        slab = np.ascontiguousarray(image[:, :, z0:z1])
+        if k not in depths:  # cases of one slab share its brain mask
+            depths[k] = brain_depth(slab > 0, spacing)
+        case = simulate_case(slab, spacing, np.random.default_rng([seed, i]), config, depths[k])
+        record = _write_lesion_case(out, f"lesions_{i:03d}", which, case, _z_affine(affine, z0))
+        split[which].append({**record, "slab": k, "slices": [z0, z1]})
+    meta = _dataset_json(
+        "T1",
+        LESION_LABELS,
+        len(split["train"]),
+        ".nii.gz",
+        "MNI152 2009a T1 template (nilearn, real anatomy at 1 mm) cut into axial slabs, with "
+        "SIMULATED lesions: ellipsoids and irregular blobs of "
+        f"{config.min_diameter_mm:g}-{config.max_diameter_mm:g} mm, hypo- and hyper-intense, "
+        "some reaching the cortex, some cases without any, each case with its own gain and "
+        "bias field (see medflow.data.lesions). No real lesion is involved.",
+        {
+            "builtin": "mni152-lesions",
+            "slab_thickness": thickness,
+            "slab_gap": gap,
+            "test_slabs": sorted(test),
+            "slabs": [list(r) for r in ranges],
+            "seed": seed,
+            "intensity_scale": INTENSITY_SCALE,
+            "simulated_lesions": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()
+            },
+            "split": split,
+            "source": MNI152_SOURCE,
+        },
+    )
+    _write_json(out / "dataset.json", meta)
+    return meta
+
+
+def _write_lesion_case(
+    out: Path, name: str, which: str, case: SimulatedCase, affine: np.ndarray
+) -> dict:
+    """Write one ``mni152-lesions`` case's image and label; returns its ``dataset.json``
+    record (gain, bias, lesions)."""
+    suffix = "Tr" if which == "train" else "Ts"
+    # int16 in thousandths of the template's [0, 1] scale: finer than its 8-bit source,
+    # and 2.5x smaller on disk than float32 once the bias field makes every voxel unique
+    stored = np.round(case.image * INTENSITY_SCALE).astype(np.int16)
+    _save_nifti(out / f"images{suffix}" / f"{name}_0000.nii.gz", stored, affine)
+    _save_nifti(out / f"labels{suffix}" / f"{name}.nii.gz", case.label, affine)
+    return {
+        "case": name,
+        "gain": round(case.gain, 4),
+        "bias": round(case.bias, 4),
+        "lesions": [
+            {**lesion.to_dict(), "centre": [round(c, 1) for c in lesion.centre]}
+            for lesion in case.lesions
+        ],
+    }
+
+
 def _stardist_file(name: str) -> Path:
     """Locate a data file in the installed stardist distribution without importing it
     (importing stardist would pull TensorFlow-era dependencies we do not need)."""
@@ -481,6 +601,11 @@ BUILTINS = {
         "mni152-raters",
         "mni152-tissue slabs with 8 simulated raters of known per-voxel label distribution",
         build_mni152_raters,
+    ),
+    "mni152-lesions": BuiltinDataset(
+        "mni152-lesions",
+        "MNI152 T1 slabs at 1 mm with simulated lesions of 3-30 mm (3D, binary), test by slab",
+        build_mni152_lesions,
     ),
     "dsb-nuclei": BuiltinDataset(
         "dsb-nuclei", "DSB2018 fluorescence nuclei, binary, left/right half split", build_dsb_nuclei
