@@ -44,9 +44,9 @@ from medflow.metrics.ambiguity import (
     soft_region,
 )
 from medflow.metrics.overlap import confusion, dice
-from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.predict import Predictor, SamplingOptions
-from medflow.segmentation.train import train
+from medflow.segmentation.protocol import Arm as ProtocolArm
+from medflow.segmentation.protocol import run_arm, run_dir
 
 SAMPLES = (1, 4, 16)
 
@@ -114,29 +114,28 @@ class Setup:
 
 
 def train_models(data: Path, runs: Path, setup: Setup, models: list[Model], reuse: bool) -> dict:
-    """Train every model (each ensemble member its own run); returns name -> checkpoints
-    and training seconds."""
+    """Train every model (each ensemble member its own run) through the one runner, as
+    train-only arms; returns name -> checkpoints and training seconds."""
     trained = {}
     for model in models:
-        ckpts, seconds = [], []
-        for m in range(model.members):
-            cfg = TrainConfig(
-                size=setup.size,
-                steps=setup.steps,
-                batch_size=setup.batch_size,
-                seed=100 * setup.seed + m,  # ensemble members of seed s: 100 s .. 100 s + 4
-                threads=setup.threads,
-                **model.overrides,
-            )
-            run = runs / f"{model.name}_{m}"
-            final = run / "checkpoint_final.pt"
-            if not (reuse and final.exists()):
-                t0 = time.perf_counter()
-                train(data, run, cfg, force=True, quiet=True)
-                (run / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-            ckpts.append(final)
-            seconds.append(float((run / "seconds.txt").read_text()))
-        trained[model.name] = {"checkpoints": ckpts, "train_seconds": seconds}
+        fields = {
+            "size": setup.size,
+            "steps": setup.steps,
+            "batch_size": setup.batch_size,
+            "threads": setup.threads,
+            **model.overrides,
+        }
+        arm = ProtocolArm(model.name, data, fields, settings=())
+        # ensemble members of seed s: seeds 100 s .. 100 s + members - 1
+        rows = [
+            r
+            for m in range(model.members)
+            for r in run_arm(arm, 100 * setup.seed + m, runs, reuse=reuse)
+        ]
+        trained[model.name] = {
+            "checkpoints": [runs / r["checkpoint"] for r in rows],
+            "train_seconds": [r["train_seconds"] for r in rows],
+        }
     return trained
 
 
@@ -391,7 +390,8 @@ def figure(work: Path, setup: Setup, out_png: Path, n: int = 4) -> None:
 
     data = work / f"mni152-raters-{setup.correlation_mm:g}mm"
     case = test_cases(data, setup, setup.seed)[1]
-    pred = Predictor(run_root(work, setup) / "medflow_0" / "checkpoint_final.pt", "cpu")
+    run = run_dir(run_root(work, setup), ProtocolArm("medflow", data), 100 * setup.seed)
+    pred = Predictor(run / "checkpoint_final.pt", "cpu")
     samples, _ = draw_samples(ARMS[0], [pred], case["image"], n, 0)
     axis = pred.prep.slice_axis
     z = case["refs"].shape[1 + axis] // 2

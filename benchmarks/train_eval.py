@@ -4,7 +4,9 @@ Each run trains on ``--data`` with the default TrainConfig changed by ``--set`` 
 predicts the dataset's ``imagesTs`` with the final EMA checkpoint (one step unless
 ``--predict-steps`` says more), and evaluates against ``labelsTs`` at native resolution.
 Independent runs go to separate single-thread processes, one per core (on the 2-core CI
-machine two such runs finish in 505 s where two 2-thread runs in a row take 612 s).
+machine two such runs finish in 505 s where two 2-thread runs in a row take 612 s). The runs
+are arms of the one runner (:mod:`medflow.segmentation.protocol`), so a number here means
+what the same number means in ``medflow bench``.
 
     python benchmarks/train_eval.py --data data/mni152 --out runs/bench \\
         --config default --config no-aug:augment=false --seeds 0 1 2 3 \\
@@ -13,7 +15,8 @@ machine two such runs finish in 505 s where two 2-thread runs in a row take 612 
 A ``--config`` is ``NAME`` or ``NAME:key=value,key=value`` (TrainConfig fields; booleans as
 true/false, tuples as 16/32/64). With ``--reuse``, a run whose folder already holds a
 ``result.json`` for the same name, seed, overrides and predict steps is read back instead of
-trained again, so a sweep that was killed can be finished and extended.
+trained again, so a sweep that was killed can be finished and extended (a run's
+``result.json`` under ``--out/runs``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -53,76 +54,47 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def steps_to_predict(job: dict) -> list[int]:
-    """Euler steps to predict with: those asked for a flow model, one call otherwise."""
-    flow = job["overrides"].get("model", "medflowseg") == "medflowseg"
-    return job["predict_steps"] if flow else [1]
+def arms(configs: list[tuple[str, dict]], data: Path, predict_steps: list[int]) -> list:
+    """One arm per configuration: a flow model predicts with each of ``predict_steps`` Euler
+    steps, any other model once; every run on one thread (the runs go one per core)."""
+    from medflow.segmentation.inference import SamplingOptions
+    from medflow.segmentation.protocol import Arm, Setting
 
-
-def finished(job: dict) -> dict | None:
-    """The run's earlier record when it matches the job exactly, else None."""
-    path = Path(job["run"]) / "result.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    overrides = json.loads(json.dumps(job["overrides"]))  # tuples as lists, like the file
-    same = (
-        record.get("config") == job["name"]
-        and record.get("seed") == job["seed"]
-        and record.get("overrides") == overrides
-    )
-    if same and all(str(n) in record.get("predict", {}) for n in steps_to_predict(job)):
-        return record
-    return None
-
-
-def run_one(job: dict) -> dict:
-    if job["reuse"] and (record := finished(job)) is not None:
-        return record
-    import torch
-
-    from medflow.metrics.summary import evaluate_folders
-    from medflow.segmentation.config import TrainConfig
-    from medflow.segmentation.predict import SamplingOptions, predict_folder
-    from medflow.segmentation.train import train
-
-    torch.set_num_threads(job["threads"])
-    data, run = Path(job["data"]), Path(job["run"])
-    cfg = TrainConfig(**{**job["overrides"], "seed": job["seed"], "threads": job["threads"]})
-    t0 = time.perf_counter()
-    result = train(data, run, cfg, force=True, quiet=True)
-    train_s = time.perf_counter() - t0
-    record = {
-        "config": job["name"],
-        "seed": job["seed"],
-        "overrides": job["overrides"],
-        "train_seconds": round(train_s, 1),
-        "best_val_dice": result.best_val_dice,
-        "best_step": result.best_step,
-        "predict": {},
-    }
-    for n in steps_to_predict(job):
-        pred = run / f"pred_steps{n}"
-        t1 = time.perf_counter()
-        predict_folder(
-            result.final_checkpoint,
-            data / "imagesTs",
-            pred,
-            force=True,
-            quiet=True,
-            options=SamplingOptions(steps=n),
+    out = []
+    for name, overrides in configs:
+        flow = overrides.get("model", "medflowseg") == "medflowseg"
+        settings = (
+            tuple(
+                Setting(f"steps{n}", SamplingOptions(sampler="euler", steps=n))
+                for n in predict_steps
+            )
+            if flow
+            else (Setting("steps1"),)
         )
-        predict_s = time.perf_counter() - t1
-        summary = evaluate_folders(pred, data / "labelsTs", run / f"eval_steps{n}", force=True)
-        record["predict"][str(n)] = {
-            "predict_seconds": round(predict_s, 2),
-            "foreground_dice": summary["foreground_mean"]["dice"],
-            "foreground_iou": summary["foreground_mean"]["iou"],
-            "dice": {c: m["dice"] for c, m in summary["mean"].items()},
-        }
-    # each run keeps its own record, so a long sweep that dies keeps what it finished
-    (run / "result.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+        fields = {**overrides, "threads": 1}
+        out.append(Arm(name, data, fields, settings, tags={"config": name, "overrides": overrides}))
+    return out
+
+
+def table(configs: list[tuple[str, dict]], rows: list[dict]) -> str:
+    lines = [
+        "| config | predict | seeds | fg Dice mean ± std | per seed | IoU mean | "
+        "train s (1 thread) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, _ in configs:
+        mine = [r for r in rows if r["config"] == name]
+        for setting in dict.fromkeys(r["setting"] for r in mine):
+            rs = [r for r in mine if r["setting"] == setting]
+            d = [r["foreground"]["dice"] for r in rs]
+            iou = [r["foreground"]["iou"] for r in rs]
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            lines.append(
+                f"| {name} | {setting} | {len(d)} | {statistics.mean(d):.4f} ± {sd:.4f} | "
+                f"{', '.join(f'{v:.4f}' for v in d)} | {statistics.mean(iou):.4f} | "
+                f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -139,54 +111,21 @@ def main() -> int:
     )
     args = parser.parse_args()
     configs = [parse_config(c) for c in (args.config or ["default"])]
-    jobs = [
-        {
-            "name": name,
-            "overrides": ov,
-            "seed": seed,
-            "data": str(args.data),
-            "run": str(args.out / f"{name}_seed{seed}"),
-            "threads": 1,
-            "predict_steps": args.predict_steps,
-            "reuse": args.reuse,
-        }
-        for name, ov in configs
-        for seed in args.seeds
-    ]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        records = list(pool.map(run_one, jobs))
-    import torch
+    from medflow.segmentation.protocol import results_record, run_protocol
 
+    rows = run_protocol(
+        arms(configs, args.data, args.predict_steps),
+        args.seeds,
+        args.out,
+        reuse=args.reuse,
+        jobs=args.jobs,
+    )
+    config = {"command": " ".join(sys.argv), "cores": len(os.sched_getaffinity(0))}
+    text = table(configs, rows)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {
-                "command": " ".join(sys.argv),
-                "torch": torch.__version__,
-                "cores": len(os.sched_getaffinity(0)),
-                "runs": records,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-
-    print(
-        "| config | predict steps | seeds | fg Dice mean ± std | per seed | IoU mean | "
-        "train s (1 thread) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, _ in configs:
-        rows = [r for r in records if r["config"] == name]
-        for n in rows[0]["predict"]:
-            d = [r["predict"][n]["foreground_dice"] for r in rows]
-            iou = [r["predict"][n]["foreground_iou"] for r in rows]
-            sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            print(
-                f"| {name} | {n} | {len(d)} | {statistics.mean(d):.4f} ± {sd:.4f} | "
-                f"{', '.join(f'{v:.4f}' for v in d)} | {statistics.mean(iou):.4f} | "
-                f"{statistics.mean(r['train_seconds'] for r in rows):.0f} |"
-            )
+    record = results_record(rows, config, table=text)
+    args.results.write_text(json.dumps(record, indent=2) + "\n")
+    print(text, end="")
     return 0
 
 

@@ -6,8 +6,8 @@ agreement and cost for 1, 5 and 10 noise samples; JSON plus a Markdown table.
     python benchmarks/uncertainty.py --data data/dsb --run runs/unc_dsb --train-steps 150 \\
         --out runs/unc_dsb/bench --results benchmarks/results/uncertainty_dsb.json
 
-A default MedFlowSeg is trained into ``--run`` unless the folder already holds
-``checkpoint_final.pt``, which is then reused (the JSON says which). For each sample count
+A default MedFlowSeg is trained by the one runner into ``--run/runs/medflowseg_seed0``, or
+read back when that run finished with the same configuration. For each sample count
 ``S`` the test images are predicted with ``S`` separate noise draws (sample ``s`` from seed
 ``s``, one Euler step each, fused by the mean soft mask) and written with their variance and
 entropy maps into ``--out/samples_S``, which is then evaluated. Measured:
@@ -168,26 +168,22 @@ def main() -> int:
     args = parser.parse_args()
 
     from medflow.engine.runtime import configure_threads
-    from medflow.segmentation.config import TrainConfig
-    from medflow.segmentation.train import train
+    from medflow.segmentation.protocol import Arm, run_arm
 
     threads = configure_threads(args.threads)
-    ckpt = args.run / "checkpoint_final.pt"
-    trained = not ckpt.is_file()
-    train_seconds = None
-    if trained:
-        overrides = {} if args.train_steps is None else {"steps": args.train_steps}
-        cfg = TrainConfig(threads=threads, **overrides)
-        t0 = time.perf_counter()
-        train(args.data, args.run, cfg, quiet=True)
-        train_seconds = round(time.perf_counter() - t0, 1)
+    fields = {
+        "threads": threads,
+        **({} if args.train_steps is None else {"steps": args.train_steps}),
+    }
+    # the one runner trains, or reads back a finished run of the same configuration
+    (trained,) = run_arm(Arm("medflowseg", args.data, fields, settings=()), 0, args.run, reuse=True)
+    ckpt = args.run / trained["checkpoint"]
     rows = [measure(args, ckpt, s) for s in args.samples]
     record = {
         "data": str(args.data),
-        "run": str(args.run),
-        "trained_here": trained,
-        "train_seconds": train_seconds,
-        "config": json.loads((args.run / "config.json").read_text())["config"],
+        "run": str(ckpt.parent),
+        "train_seconds": round(trained["train_seconds"], 1),
+        "config": json.loads((ckpt.parent / "config.json").read_text())["config"],
         "threads": threads,
         "seed": args.seed,
         "rows": rows,
@@ -211,7 +207,7 @@ def main() -> int:
         from medflow.report.html import write_report
 
         folder = args.out / f"samples_{args.report_samples}"
-        write_report(folder, folder / "eval", args.report, run=args.run, force=True)
+        write_report(folder, folder / "eval", args.report, run=ckpt.parent, force=True)
         print(f"report: {args.report}")
         if args.screenshot is not None:
             screenshot(args.report, args.screenshot)

@@ -192,7 +192,6 @@ def test_predict_without_sampler_flags_takes_the_models_default(diffusion_run, t
     """No --sampler/--steps: DDIM-50 for a diffusion checkpoint, one Euler step for a flow."""
     import nibabel as nib
 
-
     data, result = diffusion_run
     args = ["predict", "--model", str(result.final_checkpoint), "--input", str(data / "imagesTs")]
     assert main([*args, "--out", str(tmp_path / "auto"), "--quiet"]) == 0

@@ -31,19 +31,14 @@ from pathlib import Path
 
 import torch
 
-from medflow import __version__
 from medflow.data.datasets import load_slices, plan_preprocessing
-from medflow.data.io import atomic_write
 from medflow.data.layout import load_dataset
-from medflow.engine.logs import read_log
-from medflow.engine.runtime import machine_info
 from medflow.errors import DataError, OutputExistsError
 from medflow.metrics.distribution import frechet_distance, mmd2
 from medflow.metrics.overlap import dice_per_class, dice_rows
-from medflow.metrics.summary import evaluate_folders
 from medflow.segmentation.config import TrainConfig
-from medflow.segmentation.predict import Predictor, SamplingOptions, predict_folder
-from medflow.segmentation.train import train
+from medflow.segmentation.predict import Predictor, SamplingOptions
+from medflow.segmentation.protocol import Arm, results_record, run_protocol, write_results
 from medflow.synthesis.align import align
 from medflow.synthesis.config import AlignConfig, SynthConfig
 from medflow.synthesis.reward import FeatureEncoder, feature_scale
@@ -51,6 +46,7 @@ from medflow.synthesis.sample import PREFIX, sample_dataset
 from medflow.synthesis.train import train_synth
 
 EVAL_ENCODER_SEED = 1  # the reward's encoder has seed 0 by default
+ORACLE = "target labelled (oracle)"
 
 
 @dataclass(frozen=True)
@@ -141,6 +137,23 @@ def _faithfulness(checkpoint: Path, slices, k: int, device: str) -> float:
     return float(sum(dice) / len(dice))
 
 
+@dataclass(frozen=True)
+class Condition:
+    """One training set of the downstream segmenter.
+
+    Attributes:
+        name: its row in the table (``"source+aligned K=5"``).
+        data: the dataset folder.
+        synthetic: the name of the synthetic set it adds to the source (``"aligned K=5"``),
+            whose images are graded for distance, faithfulness and mask statistics; None for
+            a set of real cases only.
+    """
+
+    name: str
+    data: Path
+    synthetic: str | None = None
+
+
 def run_alignflow(
     source: str | Path,
     target: str | Path,
@@ -162,11 +175,8 @@ def run_alignflow(
     if (out / "results.json").exists() and not force:
         raise OutputExistsError(out / "results.json")
     _check_target(target)
-    spec = load_dataset(source)
-    k_classes, channels = spec.num_classes, len(spec.channel_names)
     say = (lambda *a: None) if quiet else print
     t_start = time.perf_counter()
-
     if synth_model is None:
         say("stage 1: mask flow + image flow on the source")
         synth_model = train_synth(
@@ -177,10 +187,44 @@ def run_alignflow(
             force=True,
             quiet=True,
         )
-    datasets = {"source": source}
+    conditions, alignment = _conditions(source, target, out, cfg, synth_model, device, reuse, say)
+    arms = [
+        Arm(c.name, c.data, cfg.segmenter, test=target, tags={"condition": c.name})
+        for c in conditions
+    ]
+    rows = run_protocol(
+        arms, cfg.seeds, out, device=device, reuse=reuse, say=lambda m: say(f"segmenter on {m}")
+    )
+    checkpoints = {(r["condition"], r["seed"]): out / r["checkpoint"] for r in rows}
+    record = results_record(
+        rows,
+        dataclasses.asdict(cfg),
+        device,
+        synth_model=str(synth_model),
+        seconds=time.perf_counter() - t_start,
+        summary=summarise(rows),
+        **_grade_synthetic(source, target, cfg, conditions, checkpoints, device),
+        alignment={
+            str(k): {
+                key: a[key]
+                for key in ("reward_before", "reward_after", "reference_slices", "seconds")
+            }
+            for k, a in alignment.items()
+        },
+    )
+    write_results(out, record, markdown(record))
+    return record
+
+
+def _conditions(source, target, out, cfg, synth_model, device, reuse, say):
+    """The segmenter's training sets: the source; source + unaligned pairs; source + pairs
+    aligned to K references for every K (stage 2, run here); and the oracle. Returns them
+    and each alignment's record."""
+    conditions = [Condition("source", source)]
     say("sampling unaligned pairs")
-    datasets["source+unaligned"] = out / "datasets" / "unaligned"
-    _sample(synth_model, datasets["source+unaligned"], cfg, source, device, reuse)
+    unaligned = out / "datasets" / "unaligned"
+    _sample(synth_model, unaligned, cfg, source, device, reuse)
+    conditions.append(Condition("source+unaligned", unaligned, "unaligned"))
     alignment = {}
     for k in cfg.ks:
         aligned = out / "synth" / f"align_k{k}" / "synth.pt"
@@ -196,110 +240,45 @@ def run_alignflow(
                 quiet=True,
             )
         alignment[k] = json.loads((aligned.parent / "align.json").read_text())
-        name = f"source+aligned K={k}"
-        datasets[name] = out / "datasets" / f"aligned_k{k}"
-        _sample(aligned, datasets[name], cfg, source, device, reuse)
+        data = out / "datasets" / f"aligned_k{k}"
+        _sample(aligned, data, cfg, source, device, reuse)
+        conditions.append(Condition(f"source+aligned K={k}", data, f"aligned K={k}"))
     if cfg.oracle:
-        datasets["target labelled (oracle)"] = target
+        conditions.append(Condition(ORACLE, target))
+    return conditions, alignment
 
-    rows = []
-    checkpoints: dict[tuple[str, int], Path] = {}
-    for name, data in datasets.items():
-        for seed in cfg.seeds:
-            tag = name.replace(" ", "_").replace("+", "_").replace("=", "").replace("(", "")
-            run = out / "runs" / f"{tag.replace(')', '')}_seed{seed}"
-            checkpoints[name, seed] = run / "checkpoint_final.pt"
-            if reuse and (run / "eval" / "summary.json").exists():
-                summary = json.loads((run / "eval" / "summary.json").read_text())
-                seconds = read_log(run / "log.csv")[-1]["seconds"]
-            else:
-                say(f"segmenter on {name}, seed {seed}")
-                tcfg = TrainConfig(**{**cfg.segmenter, "seed": seed})
-                seconds = train(data, run, tcfg, device=device, force=True, quiet=True).seconds
-                predict_folder(
-                    checkpoints[name, seed],
-                    target / "imagesTs",
-                    run / "pred",
-                    device=device,
-                    force=True,
-                    quiet=True,
-                )
-                summary = evaluate_folders(
-                    run / "pred", target / "labelsTs", run / "eval", force=True
-                )
-            rows.append(
-                {
-                    "condition": name,
-                    "seed": seed,
-                    "dice": summary["foreground_mean"]["dice"],
-                    "iou": summary["foreground_mean"]["iou"],
-                    "per_class": summary["mean"],
-                    "train_seconds": seconds,
-                    "run": str(run.relative_to(out)),
-                }
-            )
 
+def _grade_synthetic(source, target, cfg, conditions, checkpoints, device) -> dict:
+    """Distances of every synthetic set (and the real source) to the target test images,
+    faithfulness of the synthetic images to their masks, and mask statistics."""
+    spec = load_dataset(source)
+    k_classes, channels = spec.num_classes, len(spec.channel_names)
     seg = TrainConfig(**cfg.segmenter)
     prep = plan_preprocessing(spec, spec.training, (seg.size, seg.size), seg.slice_axis)
-    tspec = load_dataset(target)
-    target_test = load_slices(tspec.test, prep, k_classes)
+    target_test = load_slices(load_dataset(target).test, prep, k_classes)
     synthetic = {
-        name: _synthetic_slices(path, prep, k_classes)
-        for name, path in datasets.items()
-        if name.startswith("source+")
+        c.synthetic: _synthetic_slices(c.data, prep, k_classes) for c in conditions if c.synthetic
     }
     source_real = load_slices(spec.training, prep, k_classes)
-    image_sets = {"source real": source_real.images}
-    image_sets.update({name[len("source+") :]: s.images for name, s in synthetic.items()})
-    distances = _distances(image_sets, target_test.images, channels)
-    faithfulness = {
-        name[len("source+") :]: {
-            "source_segmenter": _faithfulness(
-                checkpoints["source", cfg.seeds[0]], s, k_classes, device
-            ),
-            **(
-                {
-                    "oracle_segmenter": _faithfulness(
-                        checkpoints["target labelled (oracle)", cfg.seeds[0]], s, k_classes, device
-                    )
-                }
-                if cfg.oracle
-                else {}
-            ),
-        }
-        for name, s in synthetic.items()
-    }
-    masks = {"source real": source_real.masks}
-    masks.update({name[len("source+") :]: s.masks for name, s in synthetic.items()})
-    diversity = {name: mask_statistics(m, k_classes) for name, m in masks.items()}
-    reference = {
-        "source_segmenter_on_target_test": _faithfulness(
-            checkpoints["source", cfg.seeds[0]], target_test, k_classes, device
-        ),
-    }
-    record = {
-        "medflow": __version__,
-        "machine": {**machine_info(), "threads": torch.get_num_threads()},
-        "config": dataclasses.asdict(cfg),
-        "synth_model": str(synth_model),
-        "seconds": time.perf_counter() - t_start,
-        "rows": rows,
-        "summary": summarise(rows),
-        "distances_to_target_test": distances,
-        "faithfulness_dice": faithfulness,
-        "faithfulness_reference": reference,
-        "mask_statistics": diversity,
-        "alignment": {
-            str(k): {
-                key: a[key]
-                for key in ("reward_before", "reward_after", "reference_slices", "seconds")
-            }
-            for k, a in alignment.items()
+    first = cfg.seeds[0]
+    judges = {"source_segmenter": checkpoints["source", first]}
+    if cfg.oracle:
+        judges["oracle_segmenter"] = checkpoints[ORACLE, first]
+    images = {"source real": source_real.images, **{n: s.images for n, s in synthetic.items()}}
+    masks = {"source real": source_real.masks, **{n: s.masks for n, s in synthetic.items()}}
+    return {
+        "distances_to_target_test": _distances(images, target_test.images, channels),
+        "faithfulness_dice": {
+            name: {j: _faithfulness(ckpt, s, k_classes, device) for j, ckpt in judges.items()}
+            for name, s in synthetic.items()
         },
+        "faithfulness_reference": {
+            "source_segmenter_on_target_test": _faithfulness(
+                judges["source_segmenter"], target_test, k_classes, device
+            ),
+        },
+        "mask_statistics": {name: mask_statistics(m, k_classes) for name, m in masks.items()},
     }
-    atomic_write(out / "results.md", lambda p: p.write_text(markdown(record)))
-    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
-    return record
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -311,7 +290,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for name, rs in by.items():
         entry = {"condition": name, "seeds": len(rs)}
         for metric in ("dice", "iou"):
-            values = [100.0 * r[metric] for r in rs]
+            values = [100.0 * r["foreground"][metric] for r in rs]
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[f"{metric}_values"] = values
