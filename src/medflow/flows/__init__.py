@@ -13,6 +13,14 @@ Conventions, fixed once for the whole package:
 * The diffusion baseline (:mod:`medflow.flows.diffusion`) keeps DDPM's own conventions
   instead: integer steps ``i = 0 .. 999`` from data to noise, ``x_i = sqrt(abar_i) x_start +
   sqrt(1 - abar_i) eps``, and a network that predicts ``eps``.
+* Every sampler, flow or diffusion, is called the same way (:class:`~.samplers.Sampler`):
+  ``sampler(field, x_noise, cond, steps) -> x_data``, where ``field`` is the network seen
+  through its parameterisation (:class:`~.parameterization.FlowField` for a velocity,
+  :class:`~.diffusion.EpsilonField` for DDPM noise) and ``cond`` what the field's
+  ``condition(image)`` computed once for all steps. The time convention lives in the field
+  and the solver: a diffusion sampler walks DDPM's steps down from noise to data, a flow
+  sampler integrates ``t`` up from 0 to 1; the caller sees neither. DDPM alone takes one
+  more argument, ``noise``, the fresh noise of its ancestral steps.
 """
 
 from medflow.flows.encoding import flow_to_mask, flow_to_probs, mask_to_flow

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from medflow.flows.parameterization import Conditioning
+from medflow.flows.samplers import Sampler
 
 NUM_TRAIN_STEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -226,7 +227,8 @@ def ddpm(
     )
 
 
-DIFFUSION_SAMPLERS = {"ddim": ddim, "ddpm": ddpm}
+# the same interface as the flow samplers (medflow.flows.samplers.Sampler)
+DIFFUSION_SAMPLERS: dict[str, Sampler] = {"ddim": ddim, "ddpm": ddpm}
 
 
 def network_time(i: torch.Tensor, num_train_steps: int = NUM_TRAIN_STEPS) -> torch.Tensor:

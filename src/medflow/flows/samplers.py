@@ -7,12 +7,21 @@ callable ``(x, t, cond) -> dx/dt`` with ``t`` of shape ``(B,)``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.utils.checkpoint
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+class Sampler(Protocol):
+    """What every sampler here and in :mod:`medflow.flows.diffusion` is: noise in, data out,
+    in ``steps`` steps of ``field`` (``flows/__init__`` states the conventions)."""
+
+    def __call__(
+        self, field: Any, x: torch.Tensor, cond: Any = None, steps: int = 1
+    ) -> torch.Tensor: ...
 
 
 def _times(steps: int, device: torch.device) -> torch.Tensor:
@@ -93,4 +102,4 @@ def _euler_loop(
     return x
 
 
-SAMPLERS = {"euler": euler, "heun": heun}
+SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun}

@@ -247,11 +247,7 @@ class MedFlowSeg(Method):
         return flow_probs(
             net,
             images,
-            steps=o.steps,
-            sampler=o.sampler,
-            samples=o.samples,
-            seed=o.seed,
-            batch_size=o.batch_size,
+            **_draws(o),
             parameterization=self.cfg.parameterization,
             min_gap=self.cfg.min_gap,
             per_sample=per_sample,
@@ -409,16 +405,7 @@ class Diffusion(Method):
 
     def probs(self, net, images, options, per_sample=False):
         o = self.resolve(options)
-        return diffusion_probs(
-            net,
-            images,
-            steps=o.steps,
-            sampler=o.sampler,
-            samples=o.samples,
-            seed=o.seed,
-            batch_size=o.batch_size,
-            per_sample=per_sample,
-        )
+        return diffusion_probs(net, images, **_draws(o), per_sample=per_sample)
 
     def export_module(self, net):
         raise MedflowError(
@@ -456,6 +443,17 @@ def method_from_checkpoint(ckpt: dict) -> Method:
     if stored != method.name:
         raise ValueError(f"method {stored!r} does not match its stored config ({method.name})")
     return method
+
+
+def _draws(o: SamplingOptions) -> dict:
+    """The sampling fields of resolved options, as the inference paths take them."""
+    return {
+        "steps": o.steps,
+        "sampler": o.sampler,
+        "samples": o.samples,
+        "seed": o.seed,
+        "batch_size": o.batch_size,
+    }
 
 
 def _flow_loss(cfg: TrainConfig) -> MedFlowSegLoss:
