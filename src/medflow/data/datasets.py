@@ -11,6 +11,7 @@ import torch
 
 from medflow.data.io import Volume, read_image, read_label
 from medflow.data.layout import Case, DatasetSpec
+from medflow.data.patches import pad_to
 from medflow.data.transforms import (
     Preprocessing,
     choose_slice_axis,
@@ -67,7 +68,11 @@ class SliceSet:
 
 
 def plan_preprocessing(
-    spec: DatasetSpec, cases: Sequence[Case], size: tuple[int, int], slice_axis: int | None = None
+    spec: DatasetSpec,
+    cases: Sequence[Case],
+    size: tuple[int, int],
+    slice_axis: int | None = None,
+    spacing: tuple[float, float] | None = None,
 ) -> Preprocessing:
     """Decide normalisation, slice axis and size from the training cases.
 
@@ -103,6 +108,7 @@ def plan_preprocessing(
         size=tuple(size),
         ct_stats=tuple(tuple(s) for s in ct_stats),
         dims=first.geometry.dims,
+        spacing=None if spacing is None else tuple(float(v) for v in spacing),
     )
 
 
@@ -134,7 +140,7 @@ def prepare_image(
     box = nonzero_box(arr) if prep.crop_nonzero else tuple(slice(0, s) for s in arr.shape[1:])
     cropped = normalise(arr[(slice(None), *box)], prep)
     slices = torch.from_numpy(to_slices(cropped, prep.slice_axis))
-    return resize_images(slices, prep.size), box
+    return resize_images(slices, prep.slice_shape(slices.shape[-2:], image.geometry.spacing)), box
 
 
 def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) -> SliceSet:
@@ -157,7 +163,11 @@ def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) ->
         images.append(x)
         annotations.append(torch.stack(y, dim=1))
         ids.extend([case.case_id] * x.shape[0])
-    stacked = torch.cat(annotations)
+    # at a planned spacing cases differ in size: pad each to the largest (image 0, the
+    # normalised mean; label 0, background), at the end of both axes
+    shape = tuple(max(x.shape[-1 - i] for x in images) for i in (1, 0))
+    images = [pad_to(x, shape) for x in images]
+    stacked = torch.cat([pad_to(y, shape) for y in annotations])
     masks = stacked[:, 0].contiguous()
     return SliceSet(torch.cat(images), masks, ids, stacked if n_raters else None)
 
@@ -208,7 +218,8 @@ def _label_slices(
             f"0..{num_classes - 1}",
         )
     y = torch.from_numpy(to_slices(lab.array[box][None], prep.slice_axis)[:, 0])
-    return resize_labels(y, prep.size, num_classes).to(torch.uint8)
+    shape = prep.slice_shape(y.shape[-2:], img.geometry.spacing)
+    return resize_labels(y, shape, num_classes).to(torch.uint8)
 
 
 def split_cases(

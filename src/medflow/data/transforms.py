@@ -48,7 +48,7 @@ class Preprocessing:
         schemes: normalisation scheme per channel (see :func:`scheme_for`).
         ct_stats: per channel ``[lo, hi, mean, std]`` for ``"ct"`` channels, else ``[]``.
         slice_axis: spatial axis (0, 1, 2 of ``(X, Y, Z)``) along which 2D slices are taken.
-        size: ``(H, W)`` of network input slices.
+        size: ``(H, W)`` of network input slices; with ``spacing``, the training patch.
         crop_nonzero: crop to the nonzero bounding box before resizing.
         dims: 2 when the model was trained on 2D images (a singleton spatial axis, as a PNG
             has), so that it refuses 3D volumes; 3 when it was trained on volumes.
@@ -60,6 +60,20 @@ class Preprocessing:
     ct_stats: tuple[tuple[float, ...], ...] = field(default=())
     crop_nonzero: bool = True
     dims: int = 3
+    spacing: tuple[float, float] | None = None
+
+    def slice_shape(
+        self, extent: tuple[int, int], spacing: tuple[float, float, float]
+    ) -> tuple[int, int]:
+        """In-plane size ``(H, W)`` at which the network sees a slice of ``extent`` pixels
+        cut from a volume of voxel ``spacing`` ``(X, Y, Z)``: ``size``, or with a planned
+        spacing the extent resampled to it."""
+        if self.spacing is None:
+            return tuple(self.size)
+        from medflow.data.patches import planned_shape
+
+        native = tuple(s for a, s in enumerate(spacing) if a != self.slice_axis)
+        return planned_shape(tuple(extent), native, tuple(self.spacing))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +88,8 @@ class Preprocessing:
             crop_nonzero=bool(d["crop_nonzero"]),
             # checkpoints written before the field existed accepted any volume
             dims=int(d.get("dims", 3)),
+            # and resized every slice to ``size``
+            spacing=None if d.get("spacing") is None else tuple(float(v) for v in d["spacing"]),
         )
 
 

@@ -29,7 +29,21 @@ class TrainConfig:
             backbone trained discriminatively) or ``"diffusion"`` (the same flow-mode
             backbone trained to predict DDPM noise, MedSegDiff-style; predict with
             ``--sampler ddim`` or ``ddpm``), the latter two for comparison.
-        size: slices are resized to ``size x size``.
+        plan: ``"none"`` (every slice resized to ``size x size``), ``"auto"`` (fingerprint
+            the training data and plan from it: slice axis, spacing, patch, batch, depth,
+            patch sampling; docs/PLANNING.md) or the path of a ``plans.json`` written by
+            ``medflow plan`` (the way to change a planned field: ``medflow plan --set``).
+            With a plan, slices are resampled to its spacing (aspect ratio kept), training
+            takes patches and prediction slides a window; ``size``, ``slice_axis``,
+            ``batch_size``, ``patch``, ``foreground_fraction`` and ``class_balanced`` come
+            from the plan, and the depth too, with widths from ``channels`` (its first
+            width, doubling per level, at most its last).
+        patch: training patch ``(H, W)`` of a planned run (set from the plan).
+        foreground_fraction: fraction of every batch's patches centred on a foreground
+            voxel (nnU-Net's third; set from the plan).
+        class_balanced: foreground patches pick a present class uniformly first (rare or
+            small classes; set from the plan).
+        size: slices are resized to ``size x size`` (without a plan).
         slice_axis: spatial axis to slice along; None picks the coarsest (see
             :func:`medflow.data.transforms.choose_slice_axis`).
         val_fraction: fraction of training cases held out for validation.
@@ -81,6 +95,10 @@ class TrainConfig:
     """
 
     model: str = "medflowseg"
+    plan: str = "none"
+    patch: tuple[int, ...] = ()
+    foreground_fraction: float = 1.0 / 3.0
+    class_balanced: bool = False
     size: int = 96
     slice_axis: int | None = None
     val_fraction: float = 0.15
@@ -168,8 +186,17 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{message} (got {self})")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "patch", tuple(int(c) for c in self.patch))
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1] (got {self})")
         multiple = 2 ** (len(self.channels) - 1)
-        if self.size % multiple:
+        if self.patch:
+            if len(self.patch) != 2 or any(n < 8 or n % multiple for n in self.patch):
+                raise ValueError(
+                    f"patch must be two sizes >= 8, multiples of {multiple} for "
+                    f"{len(self.channels)} levels, got {self.patch}"
+                )
+        elif self.size % multiple:
             raise ValueError(
                 f"size must be a multiple of {multiple} for {len(self.channels)} "
                 f"levels, got {self.size}"
@@ -185,8 +212,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         d = dict(d)
-        if "channels" in d:
-            d["channels"] = tuple(d["channels"])
+        for key in ("channels", "patch"):
+            if key in d:
+                d[key] = tuple(d[key])
         # a config stored before a field existed was trained without it: take the old
         # behaviour, not today's default (a resumed pre-shortcut run must rebuild the same
         # network)

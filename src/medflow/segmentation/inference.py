@@ -6,7 +6,10 @@ slices ``(N, C, H, W)``, or with ``per_sample`` every sample's own, ``(S, N, K, 
 averaged. Noise comes from CPU generators, sample ``j`` from one seeded with ``seed + j`` and
 drawn for the whole set before batching, so results do not depend on the device or on
 ``batch_size``, and an ensemble of S samples is exactly the mean of S one-sample calls with
-seeds ``seed .. seed + S - 1``. Which path a checkpoint takes is its method's business
+seeds ``seed .. seed + S - 1``. Flow and diffusion paths also take the starting noise
+explicitly (``noise``, one ``(N, K, H, W)`` tensor per sample), as sliding windows do
+(:mod:`medflow.segmentation.sliding`): each window gets its part of noise drawn for the whole
+slice. Which path a checkpoint takes is its method's business
 (:mod:`medflow.segmentation.methods`); nothing here looks at flags to guess the kind.
 """
 
@@ -66,6 +69,17 @@ def _noise(images: torch.Tensor, k: int, samples: int, seed: int) -> list[torch.
         torch.randn(shape, generator=torch.Generator().manual_seed(seed + j))
         for j in range(samples)
     ]
+
+
+def _given_noise(
+    noise: list[torch.Tensor], images: torch.Tensor, k: int, samples: int
+) -> list[torch.Tensor]:
+    """``noise`` checked against what :func:`_noise` would draw for ``images``."""
+    shape = (images.shape[0], k, *images.shape[-2:])
+    if len(noise) != samples or any(tuple(z.shape) != shape for z in noise):
+        got = [tuple(z.shape) for z in noise]
+        raise ValueError(f"noise: expected {samples} tensors of shape {shape}, got {got}")
+    return noise
 
 
 @torch.no_grad()
@@ -146,6 +160,7 @@ def flow_probs(
     min_gap: float = 0.05,
     per_sample: bool = False,
     shortcut_max_steps: int = 8,
+    noise: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A flow network: integrate from Gaussian noise with ``sampler`` (``"euler"`` or
     ``"heun"``) for ``steps`` steps (one Euler step, one network evaluation, by default: from
@@ -155,8 +170,9 @@ def flow_probs(
     ``shortcut_max_steps`` on, jumps that small were never trained and it takes Euler steps
     of the instantaneous field instead (the ODE the jumps distil). The end state ``x`` maps
     to probabilities as ``(x + 1) / 2``, clipped at 0 and renormalised; samples from
-    independent noise draws are averaged. Which samplers a model takes is checked by its
-    method; here an unknown name is a ValueError."""
+    independent noise draws are averaged. ``noise`` (one ``(N, K, H, W)`` tensor per sample)
+    replaces the draws from ``seed``; passing the drawn noise gives the same result. Which
+    samplers a model takes is checked by its method; here an unknown name is a ValueError."""
     _check_counts(steps, samples)
     if sampler != SHORTCUT and sampler not in SAMPLERS:
         raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
@@ -164,7 +180,11 @@ def flow_probs(
     field = FlowField(net, parameterization, min_gap, step=jump)
     # shortcut jumps are Euler steps of the jump-averaged velocity
     solve = SAMPLERS.get(sampler, SAMPLERS["euler"])
-    noise = _noise(images, net.cfg.num_classes, samples, seed)
+    k = net.cfg.num_classes
+    if noise is None:
+        noise = _noise(images, k, samples, seed)
+    else:
+        noise = _given_noise(noise, images, k, samples)
 
     def draws(x: torch.Tensor, rows: slice) -> list[torch.Tensor]:
         cond = field.condition(x)  # once per batch, shared by every sample
@@ -185,20 +205,26 @@ def diffusion_probs(
     seed: int = 0,
     batch_size: int = 32,
     per_sample: bool = False,
+    noise: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A diffusion network (it predicts DDPM noise): denoise from Gaussian noise with
     ``"ddim"`` (deterministic, eta = 0) or ancestral ``"ddpm"`` (``steps=1000``: every
     training step) in ``steps`` network evaluations; the end state maps to probabilities as
     the flow's does. DDPM's fresh noise of every step comes from one generator per sample
     and slice, seeded from sample ``j``'s generator, so a slice's noise is the same in
-    whichever batch it falls."""
+    whichever batch it falls. ``noise`` (one ``(N, K, H, W)`` tensor per sample) replaces the
+    starting draws; DDPM's per-step seeds are still taken from the generators after a draw of
+    that shape, so passing the drawn noise gives the same result with either sampler."""
     _check_counts(steps, samples)
     if sampler not in DIFFUSION_SAMPLERS:
         raise ValueError(f"unknown diffusion sampler {sampler!r}; expected ddim or ddpm")
     field = EpsilonField(net)
     gens = [torch.Generator().manual_seed(seed + j) for j in range(samples)]
     shape = (images.shape[0], net.cfg.num_classes, *images.shape[-2:])
-    noise = [torch.randn(shape, generator=g) for g in gens]
+    if noise is None or sampler == "ddpm":
+        # DDPM's seeds follow the starting draw in each generator: draw it even when given
+        drawn = [torch.randn(shape, generator=g) for g in gens]
+    noise = drawn if noise is None else _given_noise(noise, images, shape[1], samples)
     # ancestral DDPM draws fresh noise at every step: one seed per sample and slice
     if sampler == "ddpm":
         seeds = torch.stack([torch.randint(2**62, (images.shape[0],), generator=g) for g in gens])

@@ -138,11 +138,18 @@ class Method:
         return f"unknown sampler {sampler!r}; this {self.kind} model takes {takes}"
 
     def probs(
-        self, net: nn.Module, images: torch.Tensor, options: SamplingOptions, per_sample=False
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        options: SamplingOptions,
+        per_sample=False,
+        noise: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Class probabilities of network-ready ``images`` under ``options`` (resolved here),
         ``(N, K, H, W)`` or with ``per_sample`` ``(S, N, K, H, W)``
-        (:mod:`medflow.segmentation.inference`)."""
+        (:mod:`medflow.segmentation.inference`). ``noise``, one ``(N, K, H, W)`` tensor per
+        sample, replaces a flow's or diffusion's starting draws (a UNet draws none and ignores
+        it)."""
         raise NotImplementedError
 
     def stochastic(self, net_cfg: NetConfig) -> bool:
@@ -180,7 +187,7 @@ class UNet(Method):
             batch.model(batch.images[batch.rows]), batch.masks[batch.rows]
         )
 
-    def probs(self, net, images, options, per_sample=False):
+    def probs(self, net, images, options, per_sample=False, noise=None):
         o = self.resolve(options)
         return unet_probs(
             net,
@@ -242,7 +249,7 @@ class MedFlowSeg(Method):
         """The velocity field of a network trained by this method."""
         return FlowField(net, self.cfg.parameterization, self.cfg.min_gap, step=step)
 
-    def probs(self, net, images, options, per_sample=False):
+    def probs(self, net, images, options, per_sample=False, noise=None):
         o = self.resolve(options)
         return flow_probs(
             net,
@@ -252,6 +259,7 @@ class MedFlowSeg(Method):
             min_gap=self.cfg.min_gap,
             per_sample=per_sample,
             shortcut_max_steps=self.cfg.shortcut_max_steps,
+            noise=noise,
         )
 
     def export_module(self, net):
@@ -403,9 +411,9 @@ class Diffusion(Method):
             )
         return o
 
-    def probs(self, net, images, options, per_sample=False):
+    def probs(self, net, images, options, per_sample=False, noise=None):
         o = self.resolve(options)
-        return diffusion_probs(net, images, **_draws(o), per_sample=per_sample)
+        return diffusion_probs(net, images, **_draws(o), per_sample=per_sample, noise=noise)
 
     def export_module(self, net):
         raise MedflowError(

@@ -42,6 +42,7 @@ from medflow.errors import DataError, OutputExistsError
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.inference import SamplingOptions
 from medflow.segmentation.methods import method_from_checkpoint
+from medflow.segmentation.sliding import window_probs
 from medflow.uncertainty.fusion import SampleStats
 from medflow.uncertainty.maps import entropy_map, png_scale
 
@@ -154,8 +155,14 @@ class Predictor:
         self, slices: torch.Tensor, options: SamplingOptions, per_sample: bool = False
     ) -> torch.Tensor:
         """Class probabilities of network-ready ``slices`` under ``options``, by this
-        checkpoint's method (:mod:`medflow.segmentation.methods`)."""
-        return self.method.probs(self._runner, slices, options, per_sample=per_sample)
+        checkpoint's method (:mod:`medflow.segmentation.methods`); slices of a planned
+        model, at its spacing and of any size, window by window over its training patch
+        (:mod:`medflow.segmentation.sliding`)."""
+        if self.prep.spacing is None:
+            return self.method.probs(self._runner, slices, options, per_sample=per_sample)
+        return window_probs(
+            self.method, self._runner, slices, options, self.prep.size, per_sample=per_sample
+        )
 
     def predict_volume(
         self, image: Volume, options: SamplingOptions = SamplingOptions()

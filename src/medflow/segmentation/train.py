@@ -38,6 +38,8 @@ from medflow.data.datasets import (
 )
 from medflow.data.io import atomic_write
 from medflow.data.layout import load_dataset
+from medflow.data.patches import PatchSampler
+from medflow.data.plan import Plan, format_plan, write_plan
 from medflow.data.transforms import Preprocessing, augment_batch
 from medflow.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from medflow.engine.distributed import (
@@ -56,12 +58,14 @@ from medflow.metrics.overlap import dice_per_class
 from medflow.models.unet import SegNet
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.methods import TrainBatch, method_for
+from medflow.segmentation.planning import PLANS, resolve_plan
+from medflow.segmentation.sliding import window_probs
 
 LAST, BEST, FINAL = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"
-RUN_FILES = ("config.json", "log.csv", LAST, BEST, FINAL)
+RUN_FILES = ("config.json", "log.csv", PLANS, LAST, BEST, FINAL)
 # what atomic_write leaves when its process is killed mid-write: ".{stem}.partial-{pid}.{ext}"
 PARTIAL = re.compile(
-    r"\.(config|log|curves|checkpoint_last|checkpoint_best|checkpoint_final)"
+    r"\.(config|log|curves|plans|checkpoint_last|checkpoint_best|checkpoint_final)"
     r"\.partial-\d+\.(json|csv|png|pt)"
 )
 SLAB_GAP = 2  # slices dropped each side of a validation slab cut from a single volume
@@ -127,8 +131,9 @@ class _Run:
         device: torch.device,
         state: dict | None,
         ranks: Ranks,
+        plan: Plan | None = None,
     ) -> None:
-        self.out, self.cfg, self.ranks = out, cfg, ranks
+        self.out, self.cfg, self.ranks, self.plan = out, cfg, ranks, plan
         # this rank's rows of every global batch (all of them in a single process)
         self.part = ranks.batch_part(cfg.batch_size)
         self.spec = load_dataset(data)
@@ -142,7 +147,24 @@ class _Run:
         self.prep = (
             Preprocessing.from_dict(state["preprocessing"])
             if state is not None
-            else plan_preprocessing(self.spec, train_cases, (cfg.size, cfg.size), cfg.slice_axis)
+            else plan_preprocessing(
+                self.spec,
+                train_cases,
+                cfg.patch or (cfg.size, cfg.size),
+                cfg.slice_axis,
+                spacing=plan.target_spacing if plan else None,
+            )
+        )
+        # a planned run trains on patches of its slices, a third centred on foreground
+        self.patches = (
+            PatchSampler(
+                cfg.patch,
+                num_classes=self.k,
+                foreground_fraction=cfg.foreground_fraction,
+                class_balanced=cfg.class_balanced,
+            )
+            if cfg.patch
+            else None
         )
         self.train_set, self.val_set = _load_split(train_cases, val_cases, cfg, self.prep, self.k)
         self.net = build_net(cfg, len(self.spec.channel_names), self.k).to(self.dev)
@@ -216,6 +238,8 @@ class _Run:
         images = self.train_set.images[idx].to(self.dev)
         # with several annotations per case, one rater's at random per row
         masks = self.train_set.draw_masks(idx, self.gen).to(self.dev)
+        if self.patches is not None:
+            images, masks = self.patches.sample(images, masks.long(), self.gen)
         if cfg.augment:
             images, masks = augment_batch(images, masks, self.k, self.gen)
         with autocast(self.dev):
@@ -248,7 +272,12 @@ class _Run:
 
     def validate(self, done: int) -> dict:
         """Dice of the EMA weights on the validation slices; keeps the best checkpoint."""
-        probs = self.method.probs(self.ema, self.val_set.images, self.method.validation)
+        if self.patches is None:
+            probs = self.method.probs(self.ema, self.val_set.images, self.method.validation)
+        else:  # whole slices, window by window, as predict sees them
+            probs = window_probs(
+                self.method, self.ema, self.val_set.images, self.method.validation, self.cfg.patch
+            )
         per_class = dice_per_class(probs.argmax(1), self.val_set.masks, self.k)
         row = {
             "val_dice": float(np.mean(per_class)),
@@ -269,6 +298,7 @@ class _Run:
             "config": self.cfg.to_dict(),
             "net": self.net.cfg.to_dict(),
             "preprocessing": self.prep.to_dict(),
+            "plan": self.plan.to_dict() if self.plan else None,
             "labels": dict(self.spec.labels),
             "channel_names": list(self.spec.channel_names),
             "dataset": str(self.spec.root),
@@ -346,9 +376,12 @@ def train(
         _check_run_dir(out, resume, force)
         barrier()  # every rank has looked at the folder before rank 0 writes to it
         state = load_checkpoint(out / LAST) if resume else None
-        if state is not None:
+        if state is not None:  # the config and plan the run started with, resolved
             cfg = TrainConfig.from_dict(state["config"])
-        run = _Run(Path(data), out, cfg, dev, state, ranks)
+            plan = Plan.from_dict(state["plan"]) if state.get("plan") else None
+        else:
+            cfg, plan = resolve_plan(cfg, load_dataset(data))
+        run = _Run(Path(data), out, cfg, dev, state, ranks, plan)
         result = _loop(run, Path(data), quiet) if ranks.main else _follow(run)
         # rank 0's result everywhere; also keeps other ranks from returning before the
         # run folder is complete
@@ -362,6 +395,10 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
     _remove_partials(out)
     info = run.describe(data)
     atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    if run.plan is not None:
+        write_plan(out / PLANS, run.plan)
+        if not quiet:
+            print(format_plan(run.plan), flush=True)
 
     bar = progress(total=cfg.steps, initial=run.start, quiet=quiet, desc="train", unit="step")
     t_start = time.perf_counter()

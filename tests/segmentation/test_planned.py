@@ -1,0 +1,78 @@
+"""A planned run: the plan from the training data, patches at the planned spacing, a
+sliding window back at native resolution."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import TINY_TRAIN, make_nnunet_dataset
+
+from medflow.cli import main
+from medflow.data.plan import read_plan, write_plan
+from medflow.data.transforms import Preprocessing
+from medflow.engine.checkpoint import load_checkpoint
+from medflow.segmentation.config import TrainConfig
+from medflow.segmentation.predict import Predictor, predict_folder
+from medflow.segmentation.train import train
+
+# anisotropic in-plane (0.5 x 1 mm): a plan keeps the aspect, the fixed resize squashes it
+SHAPE, SPACING = (40, 20, 4), (0.5, 1.0, 3.0)
+PLANNED = {**TINY_TRAIN, "plan": "auto", "steps": 3, "val_every": 3}
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planned")
+    data = make_nnunet_dataset(root / "ds", shape=SHAPE, spacing=SPACING, n_test=1)
+    return data, train(data, root / "run", TrainConfig(**PLANNED), quiet=True)
+
+
+def test_the_run_records_its_plan_and_trains_with_it(planned):
+    data, result = planned
+    plan = read_plan(result.run_dir / "plans.json")
+    ckpt = load_checkpoint(result.final_checkpoint)
+    assert ckpt["plan"] == plan.to_dict()
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    assert cfg.plan == "auto" and cfg.patch == tuple(plan.patch_size)
+    assert cfg.batch_size == plan.batch_size and cfg.slice_axis == plan.slice_axis == 2
+    # depth from the plan, widths from the config: 8, doubling, at most 16
+    assert cfg.channels == tuple(min(8 * 2**i, 16) for i in range(plan.levels))
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    assert prep.spacing == tuple(plan.target_spacing) and prep.size == cfg.patch
+    # a slice of the training set keeps its millimetres: 40 x 20 px at 0.5 x 1 mm
+    want = tuple(round(n * s / t) for n, s, t in zip(SHAPE[:2], SPACING[:2], plan.target_spacing))
+    assert prep.slice_shape(SHAPE[:2], SPACING) == want
+
+
+def test_prediction_slides_over_native_slices_and_returns_the_input_grid(planned, tmp_path):
+    data, result = planned
+    predictor = Predictor(result.final_checkpoint, device="cpu")
+    predict_folder(result.final_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
+    out = nib.load(str(tmp_path / "p" / "case04.nii.gz"))
+    img = nib.load(str(data / "imagesTs" / "case04_0000.nii.gz"))
+    assert out.shape == SHAPE and np.allclose(out.affine, img.affine)
+    # a volume larger than any training case: still its own grid, through the window
+    big = make_nnunet_dataset(tmp_path / "big", shape=(72, 36, 3), spacing=SPACING, n_train=0)
+    predict_folder(result.final_checkpoint, big / "imagesTs", tmp_path / "q", quiet=True)
+    assert nib.load(str(tmp_path / "q" / "case00.nii.gz")).shape == (72, 36, 3)
+    assert predictor.prep.spacing is not None
+
+
+def test_a_plan_file_is_used_as_written_and_a_bad_one_is_one_line(planned, tmp_path, capsys):
+    data, result = planned
+    plan = read_plan(result.run_dir / "plans.json")
+    path = write_plan(tmp_path / "plans.json", plan)
+    flags = ["--size", "16", "--channels", "8,16", "--threads", "1", "--steps", "1", "--quiet"]
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *flags]
+    assert main([*argv, "--plan", str(path)]) == 0
+    assert read_plan(tmp_path / "r" / "plans.json") == plan
+    (tmp_path / "bad.json").write_text("{}")
+    assert main([*argv, "--force", "--plan", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.json" in err[0] and "not a medflow plan" in err[0]
+
+
+def test_without_a_plan_nothing_changes(tiny_dataset, tmp_path):
+    result = train(tiny_dataset, tmp_path / "run", TrainConfig(**TINY_TRAIN, steps=1), quiet=True)
+    ckpt = load_checkpoint(result.final_checkpoint)
+    assert ckpt["plan"] is None and not (result.run_dir / "plans.json").exists()
+    assert Preprocessing.from_dict(ckpt["preprocessing"]).spacing is None
