@@ -186,3 +186,26 @@ def _stop_after(steps: int, run):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "ema_update", update)
         run()
+
+
+def test_a_time_budget_fixes_the_steps_that_fit_it_and_records_them(tiny_dataset, tmp_path):
+    import json
+
+    from medflow.engine.logs import read_log
+
+    with pytest.raises(ValueError, match="time_budget"):
+        TrainConfig(time_budget="soon")
+    assert TrainConfig(time_budget="1.5h").budget_seconds == 5400.0
+    assert TrainConfig(time_budget="90").budget_seconds == 90.0
+    cfg = TrainConfig(**{**TINY, "steps": 10**6, "time_budget": "4s", "warmup_steps": 8})
+    result = train(tiny_dataset, tmp_path / "run", cfg, quiet=True)
+    log = read_log(result.run_dir / "log.csv")
+    assert 6 < result.steps < 10**6 and len(log) == result.steps
+    # the budget is kept, give or take the time of the steps being estimated
+    assert log[-1]["seconds"] < 4.0 * 2
+    ckpt = load_checkpoint(result.final_checkpoint)
+    assert ckpt["config"]["steps"] == result.steps and ckpt["config"]["time_budget"] == "4s"
+    stored = json.loads((result.run_dir / "config.json").read_text())["config"]
+    assert stored["steps"] == result.steps
+    # the schedule ends at zero at the resolved last step
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-6)

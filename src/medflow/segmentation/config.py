@@ -8,6 +8,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from medflow.flows.diffusion import EPSILON
@@ -78,7 +79,13 @@ class TrainConfig:
             sample distils (a power of 2; jumps of ``2/M .. 1`` are trained).
         dropout: dropout rate in the backbone's residual blocks (0: none); with
             ``model="unet"`` it is the Monte-Carlo dropout baseline (``predict --samples``).
-        steps: optimiser steps.
+        steps: optimiser steps (with ``time_budget``, replaced by what fits the budget).
+        time_budget: train for this long instead of ``steps`` (``"15m"``, ``"90s"``,
+            ``"1.5h"``; empty: off). After the first few steps (inside the warm-up, so no
+            learning rate already used depends on it) the run times its steps and one
+            validation pass and fixes ``steps`` to what fits, so the cosine schedule still
+            ends at zero; the budget covers training and validation, not the final
+            checkpoint write or prediction. The resolved steps are logged and stored.
         batch_size: slices per step.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
@@ -119,6 +126,7 @@ class TrainConfig:
     shortcut_max_steps: int = 8
     dropout: float = 0.0
     steps: int = 300
+    time_budget: str = ""
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -182,6 +190,12 @@ class TrainConfig:
                 "min_gap must be below the smallest trained jump 2 / shortcut_max_steps",
             ),
         ]
+        checks.append(
+            (
+                self.time_budget == "" or _seconds(self.time_budget) is not None,
+                "time_budget must be a positive duration like 15m, 90s or 1.5h",
+            )
+        )
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message} (got {self})")
@@ -202,6 +216,11 @@ class TrainConfig:
                 f"levels, got {self.size}"
             )
 
+    @property
+    def budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds; None without one."""
+        return _seconds(self.time_budget) if self.time_budget else None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -220,3 +239,16 @@ class TrainConfig:
         # network)
         d = {**PRE_FIELD_DEFAULTS, **d}
         return cls(**d)
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def _seconds(text: str) -> float | None:
+    """``"15m"`` -> 900.0, ``"90s"``/``"90"`` -> 90.0, ``"1.5h"`` -> 5400.0; None if not a
+    positive duration."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)?\s*", str(text))
+    if not m:
+        return None
+    value = float(m.group(1)) * _UNITS[m.group(2) or ""]
+    return value if value > 0 else None

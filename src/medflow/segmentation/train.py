@@ -18,6 +18,7 @@ logs, validates and writes the run folder (docs/DISTRIBUTED.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -68,6 +69,7 @@ PARTIAL = re.compile(
     r"\.(config|log|curves|plans|checkpoint_last|checkpoint_best|checkpoint_final)"
     r"\.partial-\d+\.(json|csv|png|pt)"
 )
+BUDGET_PROBE_STEPS = 6  # steps timed before a time budget fixes the total (the first is not)
 SLAB_GAP = 2  # slices dropped each side of a validation slab cut from a single volume
 
 
@@ -179,8 +181,9 @@ class _Run:
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        # the total steps read at every step: a time budget fixes them after the first few
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+            self.opt, lambda s: lr_factor(s, self.cfg.warmup_steps, self.cfg.steps)
         )
         self.method = method_for(cfg)
         self.start, self.best_val, self.best_step = 0, None, 0
@@ -231,6 +234,22 @@ class _Run:
             TrainBatch(images, masks, self.model, self.net, self.gen, self.part)
         )
 
+    def fit_budget(self, done: int, elapsed: float | None) -> None:
+        """Fix ``cfg.steps`` to what fits the time budget (rank 0 decides from ``elapsed``,
+        the seconds its steps so far took, and every rank takes its answer): the steps
+        after the first cost their mean, each validation what one timed pass costs now."""
+        steps = None
+        if self.ranks.main:
+            first = self.log_rows[0]["seconds"] if self.log_rows else 0.0
+            per_step = (elapsed - first) / max(1, done - 1)
+            if self.val_set is not None:
+                t0 = time.perf_counter()
+                self._val_probs()
+                per_step += (time.perf_counter() - t0) / self.cfg.val_every
+            left = self.cfg.budget_seconds - elapsed
+            steps = done + 1 + max(0, int(left / max(per_step, 1e-9)))
+        self.cfg = dataclasses.replace(self.cfg, steps=from_main(steps))
+
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
         cfg = self.cfg
@@ -270,14 +289,18 @@ class _Run:
             "shortcut_loss": shortcut,
         }
 
+    def _val_probs(self) -> torch.Tensor:
+        """The EMA network's probabilities on the validation slices."""
+        if self.patches is None:
+            return self.method.probs(self.ema, self.val_set.images, self.method.validation)
+        # whole slices, window by window, as predict sees them
+        return window_probs(
+            self.method, self.ema, self.val_set.images, self.method.validation, self.cfg.patch
+        )
+
     def validate(self, done: int) -> dict:
         """Dice of the EMA weights on the validation slices; keeps the best checkpoint."""
-        if self.patches is None:
-            probs = self.method.probs(self.ema, self.val_set.images, self.method.validation)
-        else:  # whole slices, window by window, as predict sees them
-            probs = window_probs(
-                self.method, self.ema, self.val_set.images, self.method.validation, self.cfg.patch
-            )
+        probs = self._val_probs()
         per_class = dice_per_class(probs.argmax(1), self.val_set.masks, self.k)
         row = {
             "val_dice": float(np.mean(per_class)),
@@ -403,10 +426,19 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
     bar = progress(total=cfg.steps, initial=run.start, quiet=quiet, desc="train", unit="step")
     t_start = time.perf_counter()
     elapsed0 = run.log_rows[-1]["seconds"] if run.log_rows else 0.0
+    step = run.start
     try:
-        for step in range(run.start, cfg.steps):
+        while step < run.cfg.steps:
             row = run.step(step)
-            done = row["step"]
+            step = done = row["step"]
+            if done == budget_probe(run.cfg):
+                run.fit_budget(done, elapsed0 + time.perf_counter() - t_start)
+                bar.total = run.cfg.steps
+                atomic_write(
+                    out / "config.json",
+                    lambda tmp: tmp.write_text(json.dumps(run.describe(data), indent=2) + "\n"),
+                )
+            cfg = run.cfg
             if run.val_set is not None and (done % cfg.val_every == 0 or done == cfg.steps):
                 row.update(run.validate(done))
                 bar.set_postfix(val_dice=f"{row['val_dice']:.3f}")
@@ -422,7 +454,19 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
     return run.finish()
 
 
+def budget_probe(cfg: TrainConfig) -> int | None:
+    """The step after which a time budget fixes the total steps (None without a budget):
+    a few steps, inside the warm-up, so that no learning rate already used depends on it."""
+    if cfg.budget_seconds is None:
+        return None
+    return max(2, min(BUDGET_PROBE_STEPS, cfg.warmup_steps))
+
+
 def _follow(run: _Run) -> None:
-    """Ranks other than 0: the same optimiser steps, nothing written."""
-    for step in range(run.start, run.cfg.steps):
+    """Ranks other than 0: the same optimiser steps, nothing written (and rank 0's budget)."""
+    step = run.start
+    while step < run.cfg.steps:
         run.step(step)
+        step += 1
+        if step == budget_probe(run.cfg):
+            run.fit_budget(step, None)
