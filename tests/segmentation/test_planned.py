@@ -76,3 +76,14 @@ def test_without_a_plan_nothing_changes(tiny_dataset, tmp_path):
     ckpt = load_checkpoint(result.final_checkpoint)
     assert ckpt["plan"] is None and not (result.run_dir / "plans.json").exists()
     assert Preprocessing.from_dict(ckpt["preprocessing"]).spacing is None
+
+
+def test_a_bad_time_budget_is_one_line(tiny_dataset, tmp_path, capsys):
+    argv = ["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"), "--quiet"]
+    assert main([*argv, "--time-budget", "soon"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "medflow train: error: bad training option: time_budget must be a positive duration "
+        "like 15m, 90s or 1.5h (got --time-budget soon)"
+    ]
+    assert not (tmp_path / "r").exists()
