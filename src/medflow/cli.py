@@ -273,6 +273,13 @@ def _add_predict(verbs) -> None:
         help="run the network through torch.compile: every new batch shape compiles first, "
         "tens of seconds on a CPU (docs/PERFORMANCE.md)",
     )
+    p.add_argument(
+        "--postprocess",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep only the largest component of the classes where the model's validation "
+        "chose it (default: on; a model trained without validation has none)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing predictions")
     p.add_argument("--quiet", action="store_true")
 
@@ -609,6 +616,7 @@ def _predict(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         save_samples=args.save_samples,
+        postprocess=args.postprocess,
     )
     if _main_rank():
         maps = " with variance and entropy maps" if args.uncertainty or args.save_samples else ""

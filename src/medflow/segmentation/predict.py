@@ -42,6 +42,7 @@ from medflow.errors import DataError, OutputExistsError
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.inference import SamplingOptions
 from medflow.segmentation.methods import method_from_checkpoint
+from medflow.segmentation.postprocess import keep_largest
 from medflow.segmentation.sliding import window_probs
 from medflow.uncertainty.fusion import SampleStats
 from medflow.uncertainty.maps import entropy_map, png_scale
@@ -108,6 +109,7 @@ class Predictor:
         *,
         channels_last: bool = True,
         compile: bool = False,
+        postprocess: bool = True,
     ) -> None:
         ckpt = load_checkpoint(checkpoint)
         self.path = Path(checkpoint)
@@ -118,6 +120,11 @@ class Predictor:
             self.labels = {str(k): int(v) for k, v in ckpt["labels"].items()}
             self.channel_names = list(ckpt["channel_names"])
             self.method = method_from_checkpoint(ckpt)
+            # classes whose largest component alone is kept (chosen on validation)
+            post = ckpt.get("postprocessing") or {}
+            self.largest = (
+                [int(c) for c in post.get("largest_component", [])] if postprocess else []
+            )
             net = SegNet(self.net_cfg)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise DataError(
@@ -180,7 +187,9 @@ class Predictor:
                 for chunk in probs.split(options.batch_size)
             ]
         )
-        return self._paste(labels, box, image.geometry.shape, 0, np.int16)
+        return keep_largest(
+            self._paste(labels, box, image.geometry.shape, 0, np.int16), self.largest
+        )
 
     @property
     def stochastic(self) -> bool:
@@ -245,7 +254,7 @@ class Predictor:
                 axis=-1,
             )
         return Prediction(
-            labels=paste["labels"],
+            labels=keep_largest(paste["labels"], self.largest),
             confidence=paste["conf"],
             variance=paste["var"],
             entropy=paste["ent"],
@@ -426,6 +435,7 @@ def predict_folder(
     channels_last: bool = True,
     compile: bool = False,
     save_samples: bool = False,
+    postprocess: bool = True,
 ) -> list[Path]:
     """Predict every case found at ``inputs`` (a file or a folder) into ``out_dir``.
 
@@ -448,7 +458,8 @@ def predict_folder(
     input first, so a bad file stops all of them before any output) and every rank returns
     the whole list once all outputs are in place (docs/DISTRIBUTED.md).
 
-    ``channels_last`` and ``compile`` set up the network as :class:`Predictor` does.
+    ``channels_last``, ``compile`` and ``postprocess`` set up the network as
+    :class:`Predictor` does.
 
     With ``save_samples`` (which implies ``uncertainty``) every sample's label map and the
     soft mask the labels come from are written too (:func:`sample_paths`), for
@@ -457,7 +468,9 @@ def predict_folder(
     Returns:
         The paths of the masks (not of the maps), in case order.
     """
-    predictor = Predictor(checkpoint, device, channels_last=channels_last, compile=compile)
+    predictor = Predictor(
+        checkpoint, device, channels_last=channels_last, compile=compile, postprocess=postprocess
+    )
     uncertainty = uncertainty or save_samples
     ranks = Ranks.from_env()
     cases = find_cases(inputs, None, len(predictor.channel_names))

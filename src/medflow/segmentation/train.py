@@ -60,13 +60,15 @@ from medflow.models.unet import SegNet
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.methods import TrainBatch, method_for
 from medflow.segmentation.planning import PLANS, resolve_plan
+from medflow.segmentation.postprocess import case_volumes, choose_largest
 from medflow.segmentation.sliding import window_probs
 
 LAST, BEST, FINAL = "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"
-RUN_FILES = ("config.json", "log.csv", PLANS, LAST, BEST, FINAL)
+POSTPROCESSING = "postprocessing.json"
+RUN_FILES = ("config.json", "log.csv", PLANS, POSTPROCESSING, LAST, BEST, FINAL)
 # what atomic_write leaves when its process is killed mid-write: ".{stem}.partial-{pid}.{ext}"
 PARTIAL = re.compile(
-    r"\.(config|log|curves|plans|checkpoint_last|checkpoint_best|checkpoint_final)"
+    r"\.(config|log|curves|plans|postprocessing|checkpoint_last|checkpoint_best|checkpoint_final)"
     r"\.partial-\d+\.(json|csv|png|pt)"
 )
 BUDGET_PROBE_STEPS = 6  # steps timed before a time budget fixes the total (the first is not)
@@ -348,9 +350,26 @@ class _Run:
     def write_log(self) -> None:
         write_log(self.out / "log.csv", self.columns, self.log_rows)
 
+    def choose_postprocessing(self) -> dict | None:
+        """Largest component per class where it raises the validation cases' mean Dice
+        (:mod:`medflow.segmentation.postprocess`); written to ``postprocessing.json``."""
+        if self.val_set is None:
+            return None
+        labels = self._val_probs().argmax(1).numpy()
+        preds = case_volumes(labels, self.val_set.case_ids)
+        refs = case_volumes(self.val_set.masks.numpy(), self.val_set.case_ids)
+        post = choose_largest([p for _, p in preds], [r for _, r in refs], self.k)
+        text = json.dumps(post, indent=2) + "\n"
+        atomic_write(self.out / POSTPROCESSING, lambda tmp: tmp.write_text(text))
+        return post
+
     def finish(self) -> TrainResult:
-        """Final and (without validation) best checkpoints, the log and the curves."""
-        final = self.payload(self.cfg.steps, self.ema.state_dict(), best_val=None)
+        """Final and (without validation) best checkpoints, the log and the curves; with
+        validation, the post-processing it chooses for the final weights."""
+        post = self.choose_postprocessing()
+        final = self.payload(
+            self.cfg.steps, self.ema.state_dict(), best_val=None, postprocessing=post
+        )
         save_checkpoint(self.out / FINAL, final)
         if self.val_set is None:
             self.best_step = self.cfg.steps  # nothing to select on: best is final
