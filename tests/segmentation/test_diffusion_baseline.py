@@ -75,7 +75,8 @@ def test_validation_samples_with_ddim_10(tiny_dataset, tmp_path, monkeypatch):
     train(tiny_dataset, tmp_path / "d", TrainConfig(model="diffusion", steps=2, **TINY), quiet=True)
     train(tiny_dataset, tmp_path / "f", TrainConfig(steps=2, **TINY), quiet=True)
     # the flow model keeps one Euler step
-    assert seen == [("diffusion", "ddim", 10), ("medflowseg-shortcut", "euler", 1)]
+    # (validation and the post-processing choice both predict the validation slices)
+    assert set(seen) == {("diffusion", "ddim", 10), ("medflowseg-shortcut", "euler", 1)}
 
 
 @pytest.mark.parametrize(
