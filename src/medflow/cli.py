@@ -290,6 +290,12 @@ def _add_evaluate(verbs) -> None:
     e.add_argument("--pred", required=True, type=Path, help="folder of predictions")
     e.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
     e.add_argument("--out", required=True, type=Path, help="folder for per_case.csv, summary.json")
+    e.add_argument(
+        "--lesions",
+        action="store_true",
+        help="also score each class object by object: lesion-wise detection (connected "
+        "components; found, missed, false; precision, recall, F1), per case and pooled",
+    )
     e.add_argument("--force", action="store_true", help="overwrite an existing summary")
     e.add_argument(
         "--raters",
@@ -632,13 +638,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.raters is None:
         if args.samples is not None:
             raise MedflowError("--samples scores posterior samples; it needs --raters DATASET")
-        summary = evaluate_folders(args.pred, args.ref, args.out, force=args.force)
+        summary = evaluate_folders(
+            args.pred, args.ref, args.out, force=args.force, lesions=args.lesions
+        )
     else:
         # everything is read and checked before the first file is written
         amb.check_outputs(args.out, args.force)
         samples = (1, 4, 16) if args.samples is None else args.samples
         results = amb.ambiguity_results(args.pred, args.raters, samples=samples)
-        summary = evaluate_folders(args.pred, args.ref, args.out, force=args.force)
+        summary = evaluate_folders(
+            args.pred, args.ref, args.out, force=args.force, lesions=args.lesions
+        )
         amb.write_ambiguity(results, args.out, force=True)  # checked above
     print(format_summary(summary))
     print(f"per-case results: {args.out / 'per_case.csv'}, {args.out / 'summary.json'}")

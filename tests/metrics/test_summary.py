@@ -240,3 +240,36 @@ def test_explicit_and_msd_labels(tmp_path):
     assert summary["labels"] == {"bg": 0, "x": 1, "y": 3}
     with pytest.raises(ValueError, match="no foreground"):
         evaluate_folders(pred_dir, ref_dir, tmp_path / "o3", labels={"bg": 0})
+
+
+def test_evaluate_lesions_scores_objects_per_case_and_pooled(tmp_path, capsys):
+
+    from medflow.cli import main
+
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    a = np.zeros((12, 12, 4), dtype=np.uint8)
+    a[1:3, 1:3, 1] = 1  # two lesions in case a
+    a[8:10, 8:10, 2] = 1
+    pa = a.copy()
+    pa[8:10, 8:10, 2] = 0  # the second one missed ...
+    pa[5, 10, 0] = 1  # ... and a false one
+    b = np.zeros_like(a)  # case b: no lesion, none predicted
+    for name, ref, pred in (("a", a, pa), ("b", b, b)):
+        nib.save(nib.Nifti1Image(ref, np.eye(4)), str(ref_dir / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(pred, np.eye(4)), str(pred_dir / f"{name}.nii.gz"))
+    labels = {"background": 0, "lesion": 1}
+    summary = evaluate_folders(pred_dir, ref_dir, tmp_path / "ev", labels=labels, lesions=True)
+    pooled = summary["lesion_detection"]["pooled"]["lesion"]
+    assert (pooled["tp"], pooled["fn"], pooled["fp"]) == (1, 1, 1)
+    assert pooled["f1"] == pytest.approx(0.5)
+    per_case = {c["case"]: c["lesions"]["lesion"] for c in summary["per_case"]}
+    assert per_case["b"]["f1"] == 1.0 and per_case["a"]["recall"] == pytest.approx(0.5)
+    assert "lesion_detection" not in evaluate_folders(
+        pred_dir, ref_dir, tmp_path / "plain", labels=labels
+    )
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    argv = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--lesions"]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    assert "F1 0.500" in capsys.readouterr().out

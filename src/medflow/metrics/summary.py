@@ -27,10 +27,12 @@ from medflow.metrics.folders import (
     labels_from_references,
     pair_cases,
 )
+from medflow.metrics.lesions import lesion_detection, pool
 from medflow.metrics.overlap import confusion, dice, iou
 from medflow.metrics.surface import surface_metrics
 
 METRICS = ("dice", "iou", "hd95", "assd")
+LESION_RULE = "connected components, full connectivity; found = any overlap"
 CSV_COLUMNS = ("case", "class", *METRICS, "ref_voxels", "pred_voxels")
 EMPTY_POLICY = (
     "reference and prediction empty: dice=iou=1, hd95=assd=0; exactly one empty (missed or "
@@ -75,7 +77,9 @@ def evaluate_case(
     return out
 
 
-def _evaluate_pair(case: str, pred_path: Path, ref_path: Path, labels: dict[str, int]) -> dict:
+def _evaluate_pair(
+    case: str, pred_path: Path, ref_path: Path, labels: dict[str, int], lesions: bool = False
+) -> dict:
     """Read, check and score one case; DataError naming the file at fault."""
     ref = read_label(ref_path)
     pred = read_label(pred_path)
@@ -88,7 +92,23 @@ def _evaluate_pair(case: str, pred_path: Path, ref_path: Path, labels: dict[str,
         if unknown:
             raise DataError(path, f"holds label value(s) {unknown} not in labels {labels}")
     metrics = evaluate_case(pred.array, ref.array, labels, ref.geometry.spacing)
-    return {"case": case, "pred": str(pred_path), "ref": str(ref_path), "metrics": metrics}
+    row = {"case": case, "pred": str(pred_path), "ref": str(ref_path), "metrics": metrics}
+    if lesions:
+        row["lesions"] = {
+            name: lesion_detection(pred.array, ref.array, value, spacing=ref.geometry.spacing)
+            for name, value in foreground_classes(labels)
+        }
+    return row
+
+
+def _pool_lesions(per_case: list[dict]) -> dict:
+    """Lesion-wise detection per class pooled over the cases (micro average,
+    :func:`medflow.metrics.lesions.pool`); the per-case results become plain dicts."""
+    names = list(per_case[0]["lesions"])
+    pooled = {n: pool([c["lesions"][n] for c in per_case]).to_dict() for n in names}
+    for c in per_case:
+        c["lesions"] = {n: d.to_dict() for n, d in c["lesions"].items()}
+    return pooled
 
 
 def _summarise(per_case: list[dict], labels: dict[str, int]) -> dict:
@@ -129,8 +149,14 @@ def evaluate_folders(
     out_dir: str | Path,
     labels: dict[str, int] | None = None,
     force: bool = False,
+    lesions: bool = False,
 ) -> dict:
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
+
+    With ``lesions``, each class is also scored object by object (lesion-wise detection,
+    :mod:`medflow.metrics.lesions`: connected components, a reference lesion found when a
+    predicted component overlaps it): per case under ``per_case[i]["lesions"]`` and pooled
+    over the cases under ``lesion_detection``.
 
     Files pair by case id (the file name without its ending, so ``case_001.nii.gz`` pairs with
     ``case_001.nii.gz`` or ``case_001.png``). Uncertainty maps beside a mask
@@ -178,8 +204,11 @@ def evaluate_folders(
         if labels is None:
             labels = labels_from_references(refs, ref_dir)
 
-    per_case = [_evaluate_pair(c, preds[c], refs[c], labels) for c in cases]
+    per_case = [_evaluate_pair(c, preds[c], refs[c], labels, lesions) for c in cases]
+    pooled = _pool_lesions(per_case) if lesions else None
     summary = _summarise(per_case, labels)
+    if pooled is not None:
+        summary["lesion_detection"] = {"rule": LESION_RULE, "pooled": pooled}
     texts = (_csv_text(summary), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     with staged_outputs(out_dir) as stage:
         for target, text in zip(outputs, texts):
@@ -191,7 +220,8 @@ def evaluate_folders(
 
 
 def format_summary(summary: dict) -> str:
-    """A plain-text table of the class means and the foreground mean, for the terminal."""
+    """A plain-text table of the class means and the foreground mean, for the terminal (and
+    the pooled lesion-wise detection when it was scored)."""
     rows = [(name, m) for name, m in summary["mean"].items()]
     rows.append(("foreground mean", summary["foreground_mean"]))
     width = max(len("class"), *(len(name) for name, _ in rows))
@@ -202,4 +232,11 @@ def format_summary(summary: dict) -> str:
             f"{name:<{width}}  {m['dice']:>7.4f}  {m['iou']:>7.4f}  "
             f"{m['hd95']:>9.2f}  {m['assd']:>9.2f}"
         )
+    if "lesion_detection" in summary:
+        lines += ["", f"lesion-wise ({summary['lesion_detection']['rule']}), pooled over cases:"]
+        for name, d in summary["lesion_detection"]["pooled"].items():
+            lines.append(
+                f"{name:<{width}}  F1 {d['f1']:.3f}  precision {d['precision']:.3f}  "
+                f"recall {d['recall']:.3f}  (found {d['tp']}, missed {d['fn']}, false {d['fp']})"
+            )
     return "\n".join(lines)
