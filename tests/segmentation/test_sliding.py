@@ -192,3 +192,11 @@ def test_ancestral_ddpm_is_refused_under_sliding_windows():
     method, net, _ = _setup("diffusion")
     with pytest.raises(OptionError, match="ddpm"):
         window_probs(method, net, torch.randn(1, 1, 20, 20), SamplingOptions(sampler="ddpm"), PATCH)
+
+
+def test_default_windows_keep_the_pixels_of_a_fixed_size_batch():
+    from medflow.segmentation.sliding import default_windows
+
+    assert default_windows(32, (96, 96)) == 32
+    assert default_windows(32, (128, 128)) == 18
+    assert default_windows(32, (512, 512)) == 1  # a CT patch: one window per call

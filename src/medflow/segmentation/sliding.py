@@ -24,6 +24,18 @@ from medflow.errors import OptionError
 from medflow.segmentation.inference import SamplingOptions, _noise
 from medflow.segmentation.methods import Method
 
+# pixels per network call that a batch of options.batch_size slices stands for: the fixed
+# 96 x 96 mode's, whose memory medflow has always run in
+CALL_PIXELS = 96 * 96
+
+
+def default_windows(batch_size: int, patch: Sequence[int]) -> int:
+    """Windows per network call: as many pixels as ``batch_size`` slices of 96 x 96, at least
+    one window. A 128 x 128 patch with batch 32 gives 18 windows, a CT's 512 x 512 patch 1:
+    activation memory then stays what a batch of 96 x 96 slices takes, whatever the patch
+    (32 windows of 512 x 512 took 7.4 GiB on a 512 x 512 x 300 volume)."""
+    return max(1, round(batch_size * CALL_PIXELS / (int(patch[0]) * int(patch[1]))))
+
 
 @torch.no_grad()
 def window_probs(
@@ -48,9 +60,10 @@ def window_probs(
 
     Slices go through MONAI ``options.batch_size`` at a time, so its buffers (the chunk's
     windows, blended output and weights) stay bounded on a 512 x 512 x 300 CT; the noise is
-    drawn for the whole set first, as large as a ``per_sample`` result. Windows are sized as
-    the network was trained, so ``sw_batch_size`` (windows per network call) defaults to
-    ``options.batch_size``, the batch the plan sized for a patch. A UNet with Monte-Carlo
+    drawn for the whole set first, as large as a ``per_sample`` result. ``sw_batch_size``
+    (windows per network call) defaults to :func:`default_windows`: the pixels of
+    ``options.batch_size`` slices of 96 x 96, so a large patch does not multiply the
+    activation memory. A UNet with Monte-Carlo
     dropout draws its masks per network call (:func:`~medflow.segmentation.inference.unet_probs`):
     its samples, alone, depend on ``sw_batch_size``.
 
@@ -64,7 +77,7 @@ def window_probs(
         patch: ``(h, w)`` the training patch (multiples of the network's size multiple).
         overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
         per_sample: keep every sample's probabilities apart.
-        sw_batch_size: windows per network call; None takes ``options.batch_size``.
+        sw_batch_size: windows per network call; None takes :func:`default_windows`.
 
     Raises:
         OptionError: sampler ``"ddpm"``: its fresh noise of every step is drawn per window,
@@ -84,7 +97,7 @@ def window_probs(
     patch = tuple(int(p) for p in patch)
     if len(patch) != 2 or min(patch) < 1:
         raise ValueError(f"patch must be two positive sizes (h, w), got {patch}")
-    sw = o.batch_size if sw_batch_size is None else sw_batch_size
+    sw = default_windows(o.batch_size, patch) if sw_batch_size is None else sw_batch_size
     if sw < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw}")
     c, k = slices.shape[1], net.cfg.num_classes
