@@ -481,7 +481,9 @@ def _plan(args: argparse.Namespace) -> int:
     from medflow.data.fingerprint import fingerprint_dataset
     from medflow.data.layout import load_dataset
     from medflow.data.plan import format_plan, parse_overrides, plan_from_fingerprint, write_plan
+    from medflow.engine.runtime import resolve_device
     from medflow.errors import OutputExistsError
+    from medflow.segmentation.planning import compute_kind
 
     overrides = {}
     for item in args.overrides:
@@ -500,9 +502,12 @@ def _plan(args: argparse.Namespace) -> int:
             raise MedflowError(f"{args.out}: is a folder; expected a file path like plans.json")
         if args.out.exists() and not args.force:
             raise OutputExistsError(args.out)
+    compute = compute_kind(resolve_device("auto"))  # this machine; --set compute=gpu for another
     fingerprint = fingerprint_dataset(load_dataset(args.data))
     try:
-        plan = plan_from_fingerprint(fingerprint, memory_gib=args.memory_gib, overrides=overrides)
+        plan = plan_from_fingerprint(
+            fingerprint, memory_gib=args.memory_gib, overrides=overrides, compute=compute
+        )
     except ValueError as exc:
         raise MedflowError(f"bad plan option: {exc}") from exc
     print(format_plan(plan))

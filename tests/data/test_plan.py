@@ -6,6 +6,7 @@ import pytest
 from medflow.data.fingerprint import CaseFingerprint, ChannelStats, ClassObjects, Fingerprint
 from medflow.data.plan import (
     ACTIVATION_FACTOR,
+    CPU_PIXELS_PER_STEP,
     MAX_LEVELS,
     Plan,
     estimate_memory_bytes,
@@ -154,6 +155,33 @@ def test_batch_size_from_memory_or_from_the_data(plans):
     assert png.batch_size == 2 and "5% of the" in png.reason("batch_size")
     assert mri.batch_size == max_batch(mri.patch_size, mri.channels, 8.0)
     assert mri.batch_size > ct.batch_size
+
+
+def test_a_cpu_plan_caps_the_pixels_per_step():
+    gpu = plan_from_fingerprint(mri_fingerprint(), memory_gib=8.0)
+    cpu = plan_from_fingerprint(mri_fingerprint(), memory_gib=8.0, compute="cpu")
+    pixels = cpu.patch_size[0] * cpu.patch_size[1]
+    # 128 x 160 patches: 7 of them carry at most 16 slices of 96 x 96
+    assert cpu.batch_size == CPU_PIXELS_PER_STEP // pixels == 7 < gpu.batch_size
+    assert cpu.compute == "cpu" and gpu.compute == "gpu"
+    assert f"the GPU rule gives {gpu.batch_size}" in cpu.reason("batch_size")
+    # everything but the batch (and what is computed from it) is the same plan
+    same = ("patch_size", "levels", "channels", "slice_axis", "target_spacing")
+    assert all(getattr(cpu, f) == getattr(gpu, f) for f in same)
+    # a batch already below the CPU cap is left alone (12 small PNGs: nnU-Net's floor of 2)
+    assert plan_from_fingerprint(png_fingerprint(), compute="cpu").batch_size == 2
+    # the CT's 512 x 512 patch is above the cap alone: the floor of 2 holds
+    assert plan_from_fingerprint(ct_fingerprint(), compute="cpu").batch_size == 2
+    # plan for another machine by override; an explicit batch still wins over both rules
+    overridden = plan_from_fingerprint(mri_fingerprint(), overrides={"compute": "cpu"})
+    assert overridden.batch_size == cpu.batch_size and "override" in overridden.reason("compute")
+    fixed = plan_from_fingerprint(mri_fingerprint(), compute="cpu", overrides={"batch_size": 20})
+    assert fixed.batch_size == 20 and "the rule gave 7" in fixed.reason("batch_size")
+    with pytest.raises(ValueError, match="'compute': 'tpu' is not one of gpu, cpu"):
+        plan_from_fingerprint(mri_fingerprint(), overrides={"compute": "tpu"})
+    # plans written before the field existed were planned by the GPU rules
+    old = {k: v for k, v in cpu.to_dict().items() if k != "compute"}
+    assert Plan.from_dict(old).compute == "gpu"
 
 
 def test_normalisation(plans):

@@ -64,6 +64,12 @@ MIN_BATCH = 2
 # nnU-Net: a batch covers at most 5 % of the training set, so small sets still get many steps
 MAX_BATCH_FRACTION = 0.05
 DEFAULT_MEMORY_GIB = 8.0
+# On a CPU a step costs in proportion to the pixels it carries, and a time-budgeted run learns
+# from the number of steps: keep the pixels per step of medflow's CPU default (16 slices of
+# 96 x 96), which the demo budget was tuned with. nnU-Net's rules (memory, 5 % of the data)
+# are for a GPU, where a larger batch costs little more time: at 4 CPU-minutes on
+# mni152-lesions its batch of 45 ran 28 steps (benchmarks/results/lesion_batch.json).
+CPU_PIXELS_PER_STEP = 16 * 96 * 96
 # nnU-Net centres a third of the patches on foreground
 FOREGROUND_FRACTION = 1.0 / 3.0
 # a class below 1 % of the voxels, or whose typical object (voxel-weighted median diameter)
@@ -109,6 +115,8 @@ class Plan:
         class_balanced: foreground patches pick a class uniformly first, then a voxel of it
             (else a foreground voxel uniformly), so rare and small classes are seen.
         context_slices: neighbouring slices on each side given as extra channels (2.5D).
+        compute: ``"gpu"`` (nnU-Net's batch rules) or ``"cpu"`` (the batch also capped at
+            :data:`CPU_PIXELS_PER_STEP`), the kind of machine the plan is for.
         reasons: one line per choice, ``"field: why"``.
     """
 
@@ -128,6 +136,7 @@ class Plan:
     foreground_fraction: float
     class_balanced: bool
     context_slices: int
+    compute: str = "gpu"  # plans written before this field were planned by the GPU rules
     reasons: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -179,7 +188,8 @@ class Plan:
         unknown = sorted(set(d) - set(names) - {"format"})
         if unknown:
             raise ValueError(f"unknown plan field {unknown[0]!r}")
-        missing = [n for n in names if n not in d and n != "reasons"]
+        defaulted = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = [n for n in names if n not in d and n not in defaulted]
         if missing:
             raise ValueError(f"plan field {missing[0]!r} is missing")
         return cls(**{n: d[n] for n in names if n in d})
@@ -247,6 +257,7 @@ def plan_from_fingerprint(
     *,
     memory_gib: float = DEFAULT_MEMORY_GIB,
     overrides: dict[str, Any] | None = None,
+    compute: str = "gpu",
 ) -> Plan:
     """Decide how to train on the dataset that ``fp`` describes.
 
@@ -255,6 +266,8 @@ def plan_from_fingerprint(
         memory_gib: memory budget for training (GPU memory, or RAM on a CPU), in GiB.
         overrides: field name -> value (typed, or text as ``--set`` gives it); an
             overridden field replaces the rule's choice and later choices follow from it.
+        compute: ``"gpu"`` or ``"cpu"``, the machine the plan is for (``--set compute=``
+            overrides it too): on a CPU the batch is capped by pixels per step.
 
     Returns:
         The plan, with one reason per field in ``reasons``.
@@ -267,6 +280,12 @@ def plan_from_fingerprint(
     # --set memory_gib=G is the same as memory_gib=G
     memory_gib = over.pop("memory_gib", None) or FIELDS["memory_gib"]("memory_gib", memory_gib)
     draft = _Draft({}, {}, over)
+    compute = draft.decide(
+        "compute",
+        FIELDS["compute"]("compute", compute),
+        f"{compute}: planned for a {compute.upper()}, the machine planning or training "
+        "(--set compute=cpu|gpu to plan for another)",
+    )
     spacing = np.median(fp.spacings, axis=0)
     axis = _decide_slice_axis(draft, fp, spacing)
     inplane = [a for a in range(3) if a != axis]
@@ -284,7 +303,7 @@ def plan_from_fingerprint(
     )
     _decide_network(draft, median_shape, memory_gib)
     total_px = float(np.sum(np.prod(shapes, axis=1) * fp.crop_shapes[:, axis]))
-    _decide_batch(draft, total_px, memory_gib)
+    _decide_batch(draft, total_px, memory_gib, compute)
     _decide_normalisation(draft, fp)
     draft.decide(
         "foreground_fraction",
@@ -469,32 +488,17 @@ def _levels_reason(levels: int, patch: tuple[int, int], over: dict[str, Any]) ->
     )
 
 
-def _decide_batch(draft: _Draft, total_px: float, memory_gib: float) -> None:
+def _decide_batch(draft: _Draft, total_px: float, memory_gib: float, compute: str) -> None:
     patch, chans = draft.fields["patch_size"], draft.fields["channels"]
-    by_memory = max_batch(patch, chans, memory_gib)
-    by_data = max(MIN_BATCH, int(MAX_BATCH_FRACTION * total_px // (patch[0] * patch[1])))
-    if by_data < by_memory:
-        batch = by_data
+    batch, why = _batch_rule(patch, chans, total_px, memory_gib, "batch_size" in draft.overrides)
+    by_compute = max(MIN_BATCH, CPU_PIXELS_PER_STEP // (patch[0] * patch[1]))
+    if compute == "cpu" and by_compute < batch:
         why = (
-            f"{batch}: nnU-Net's cap, a batch covers at most {MAX_BATCH_FRACTION:.0%} of the "
-            f"{total_px:.3g} training pixels (at least {MIN_BATCH}); memory would allow "
-            f"{by_memory}"
+            f"{by_compute}: on a CPU, at most {CPU_PIXELS_PER_STEP} pixels per step (16 slices "
+            f"of 96 x 96, medflow's CPU default; at least {MIN_BATCH}), so a time budget buys "
+            f"steps; the GPU rule gives {why}"
         )
-    else:
-        if by_memory < 1 and "batch_size" not in draft.overrides:
-            need = estimate_memory_bytes(patch, chans, 1) / 2**30
-            raise ValueError(
-                f"plan field 'memory_gib': {memory_gib:g} GiB cannot hold one patch of "
-                f"{_px(patch)} px (estimate {need:.2f} GiB); raise it or set a smaller "
-                "patch_size"
-            )
-        batch = max(by_memory, 1)
-        est = estimate_memory_bytes(patch, chans, batch) / 2**30
-        why = (
-            f"{batch}: the most that fits {memory_gib:g} GiB (estimate {est:.2f} GiB, "
-            f"{ACTIVATION_FACTOR} stored float32 values per channel and pixel per level, "
-            "weights x5)"
-        )
+        batch = by_compute
     if "batch_size" in draft.overrides:
         est = estimate_memory_bytes(patch, chans, draft.overrides["batch_size"]) / 2**30
         fits = "within" if est <= memory_gib else "ABOVE"
@@ -506,6 +510,32 @@ def _decide_batch(draft: _Draft, total_px: float, memory_gib: float) -> None:
         return
     draft.fields["batch_size"] = batch
     draft.reasons["batch_size"] = why
+
+
+def _batch_rule(patch, chans, total_px: float, memory_gib: float, overridden: bool):
+    """nnU-Net's batch: the most that fits ``memory_gib``, at most 5 % of the data."""
+    by_memory = max_batch(patch, chans, memory_gib)
+    by_data = max(MIN_BATCH, int(MAX_BATCH_FRACTION * total_px // (patch[0] * patch[1])))
+    if by_data < by_memory:
+        return by_data, (
+            f"{by_data}: nnU-Net's cap, a batch covers at most {MAX_BATCH_FRACTION:.0%} of the "
+            f"{total_px:.3g} training pixels (at least {MIN_BATCH}); memory would allow "
+            f"{by_memory}"
+        )
+    if by_memory < 1 and not overridden:
+        need = estimate_memory_bytes(patch, chans, 1) / 2**30
+        raise ValueError(
+            f"plan field 'memory_gib': {memory_gib:g} GiB cannot hold one patch of "
+            f"{_px(patch)} px (estimate {need:.2f} GiB); raise it or set a smaller "
+            "patch_size"
+        )
+    batch = max(by_memory, 1)
+    est = estimate_memory_bytes(patch, chans, batch) / 2**30
+    return batch, (
+        f"{batch}: the most that fits {memory_gib:g} GiB (estimate {est:.2f} GiB, "
+        f"{ACTIVATION_FACTOR} stored float32 values per channel and pixel per level, "
+        "weights x5)"
+    )
 
 
 def _decide_normalisation(draft: _Draft, fp: Fingerprint) -> None:

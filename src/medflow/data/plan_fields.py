@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 SCHEME_NAMES = ("ct", "zscore", "none", "rescale", "rgb")
+COMPUTE_NAMES = ("gpu", "cpu")
 
 
 def _int(lo: int = 0, hi: int | None = None) -> Callable[[str, Any], int]:
@@ -86,6 +87,12 @@ def _scheme(name: str, value: Any) -> str:
     return value.strip().lower()
 
 
+def _compute(name: str, value: Any) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in COMPUTE_NAMES:
+        raise ValueError(f"plan field {name!r}: {value!r} is not one of {', '.join(COMPUTE_NAMES)}")
+    return value.strip().lower()
+
+
 def _ct_stats(name: str, value: Any) -> tuple:
     if isinstance(value, str):  # "lo,hi,mean,std;lo,hi,mean,std"
         value = [v for v in value.split(";") if v.strip()]
@@ -127,6 +134,7 @@ FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "foreground_fraction": _float(0.0, 1.0),
     "class_balanced": _bool,
     "context_slices": _int(0, 16),
+    "compute": _compute,
     "reasons": _reasons,
 }
 # facts about the data or results of the plan, not choices

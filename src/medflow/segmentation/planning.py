@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from medflow.data.fingerprint import fingerprint_dataset
 from medflow.data.layout import DatasetSpec
 from medflow.data.plan import Plan, plan_from_fingerprint, read_plan
@@ -39,9 +41,17 @@ def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
     )
 
 
-def resolve_plan(cfg: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, Plan | None]:
+def compute_kind(device: torch.device) -> str:
+    """The plan's ``compute`` for a device: ``"cpu"`` on a CPU, else ``"gpu"``."""
+    return "cpu" if device.type == "cpu" else "gpu"
+
+
+def resolve_plan(
+    cfg: TrainConfig, spec: DatasetSpec, compute: str = "gpu"
+) -> tuple[TrainConfig, Plan | None]:
     """The config a run trains with and its plan: none for ``plan="none"``, the training
-    data's own for ``"auto"``, else the ``plans.json`` at ``cfg.plan``.
+    data's own for ``"auto"`` (planned for ``compute``, the machine it will train on), else
+    the ``plans.json`` at ``cfg.plan``.
 
     Raises:
         DataError: an unreadable plan file, or a dataset the fingerprint cannot read.
@@ -49,7 +59,7 @@ def resolve_plan(cfg: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, Plan
     if cfg.plan == "none":
         return cfg, None
     if cfg.plan == "auto":
-        plan = plan_from_fingerprint(fingerprint_dataset(spec))
+        plan = plan_from_fingerprint(fingerprint_dataset(spec), compute=compute)
     else:
         plan = read_plan(Path(cfg.plan))
     return apply_plan(cfg, plan), plan

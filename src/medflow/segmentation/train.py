@@ -59,7 +59,7 @@ from medflow.metrics.overlap import dice_per_class
 from medflow.models.unet import SegNet
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.methods import TrainBatch, method_for
-from medflow.segmentation.planning import PLANS, resolve_plan
+from medflow.segmentation.planning import PLANS, compute_kind, resolve_plan
 from medflow.segmentation.postprocess import case_volumes, choose_largest
 from medflow.segmentation.sliding import window_probs
 
@@ -422,7 +422,7 @@ def train(
             cfg = TrainConfig.from_dict(state["config"])
             plan = Plan.from_dict(state["plan"]) if state.get("plan") else None
         else:
-            cfg, plan = resolve_plan(cfg, load_dataset(data))
+            cfg, plan = resolve_plan(cfg, load_dataset(data), compute_kind(dev))
         run = _Run(Path(data), out, cfg, dev, state, ranks, plan)
         result = _loop(run, Path(data), quiet) if ranks.main else _follow(run)
         # rank 0's result everywhere; also keeps other ranks from returning before the
