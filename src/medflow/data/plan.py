@@ -188,7 +188,9 @@ class Plan:
         unknown = sorted(set(d) - set(names) - {"format"})
         if unknown:
             raise ValueError(f"unknown plan field {unknown[0]!r}")
-        defaulted = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        defaulted = {
+            f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+        }
         missing = [n for n in names if n not in d and n not in defaulted]
         if missing:
             raise ValueError(f"plan field {missing[0]!r} is missing")
