@@ -13,6 +13,7 @@ from medflow.data.transforms import (
     resize_labels,
     scheme_for,
     to_slices,
+    with_context,
 )
 
 
@@ -98,3 +99,20 @@ def test_augmentation_moves_image_and_mask_together():
     assert not torch.equal(aug_mask, mask)  # something moved
     recovered = torch.round(aug_img[:, 0] / 10.0).clamp(0, 2).long()
     assert (recovered == aug_mask).float().mean() > 0.95
+
+
+def test_context_stacks_neighbours_by_offset_and_repeats_the_edges():
+    # 4 slices of 2 channels; every value names its slice and channel
+    slices = (10 * torch.arange(4.0)[:, None] + torch.arange(2.0)[None])[..., None, None]
+    slices = slices.expand(4, 2, 3, 3).contiguous()
+    assert with_context(slices, 0) is slices
+    out = with_context(slices, 1)
+    assert out.shape == (4, 6, 3, 3)
+    # slice 1: (slice 0 ch 0, slice 0 ch 1, slice 1 ch 0, slice 1 ch 1, slice 2 ch 0, ...)
+    assert out[1, :, 0, 0].tolist() == [0, 1, 10, 11, 20, 21]
+    # the first and last slices repeat themselves beyond the volume
+    assert out[0, :, 0, 0].tolist() == [0, 1, 0, 1, 10, 11]
+    assert out[3, :, 0, 0].tolist() == [20, 21, 30, 31, 30, 31]
+    # the centre block is the slice itself
+    assert torch.equal(out[:, 2:4], slices)
+    assert Preprocessing(("zscore", "zscore"), 2, (3, 3), context=2).input_channels() == 10

@@ -87,3 +87,51 @@ def test_a_bad_time_budget_is_one_line(tiny_dataset, tmp_path, capsys):
         "like 15m, 90s or 1.5h (got --time-budget soon)"
     ]
     assert not (tmp_path / "r").exists()
+
+
+def test_epochs_are_passes_over_the_training_slices(tiny_dataset, tmp_path, capsys):
+    import json
+
+    cfg = TrainConfig(**{**TINY_TRAIN, "epochs": 2, "val_every": 100})
+    result = train(tiny_dataset, tmp_path / "run", cfg, quiet=True)
+    info = json.loads((result.run_dir / "config.json").read_text())
+    slices = info["train_slices"]
+    assert result.steps == info["config"]["steps"] == -(-2 * slices // 4) != cfg.steps
+    stored = TrainConfig.from_dict(load_checkpoint(result.final_checkpoint)["config"])
+    assert stored.steps == result.steps and stored.epochs == 2
+    argv = ["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"), "--quiet"]
+    assert main([*argv, "--epochs", "3", "--time-budget", "1m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give epochs or time_budget, not both" in err[0]
+
+
+def test_a_2_5d_model_sees_its_neighbours_end_to_end(tmp_path, capsys):
+    data = make_nnunet_dataset(tmp_path / "ds", channels=2, n_test=1)
+    cfg = TrainConfig(**{**TINY_TRAIN, "steps": 2, "context_slices": 1})
+    result = train(data, tmp_path / "run", cfg, quiet=True)
+    predictor = Predictor(result.final_checkpoint, device="cpu")
+    # two channels at three slices each, stored with the preprocessing the checkpoint keeps
+    assert predictor.prep.context == 1 and predictor.net.cfg.in_channels == 6
+    predict_folder(result.final_checkpoint, data / "imagesTs", tmp_path / "p", quiet=True)
+    out = nib.load(str(tmp_path / "p" / "case04.nii.gz"))
+    img = nib.load(str(data / "imagesTs" / "case04_0000.nii.gz"))
+    assert out.shape == img.shape and np.allclose(out.affine, img.affine)
+    # 2D images refuse it in one line, before anything is written
+    plan = {**TINY_TRAIN, "steps": 1, "plan": "auto"}
+    pngs = make_nnunet_dataset(tmp_path / "png", ending=".png", shape=(24, 20, 1))
+    argv = ["train", "--data", str(pngs), "--out", str(tmp_path / "r"), "--context-slices", "1"]
+    assert main([*argv, "--size", "16", "--channels", "8,16", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "case00_0000.png" in err[0] and "context_slices=1" in err[0]
+    assert not (tmp_path / "r").exists()
+    # a plan's context_slices reaches the run it is given to
+    from medflow.data.fingerprint import fingerprint_dataset
+    from medflow.data.layout import load_dataset
+    from medflow.data.plan import plan_from_fingerprint
+
+    fp = fingerprint_dataset(load_dataset(data))
+    path = write_plan(
+        tmp_path / "plans.json", plan_from_fingerprint(fp, overrides={"context_slices": 2})
+    )
+    run = train(data, tmp_path / "auto", TrainConfig(**{**plan, "plan": str(path)}), quiet=True)
+    assert Predictor(run.final_checkpoint, device="cpu").net.cfg.in_channels == 10

@@ -22,6 +22,7 @@ from medflow.data.transforms import (
     resize_labels,
     scheme_for,
     to_slices,
+    with_context,
 )
 from medflow.errors import DataError
 
@@ -73,6 +74,7 @@ def plan_preprocessing(
     size: tuple[int, int],
     slice_axis: int | None = None,
     spacing: tuple[float, float] | None = None,
+    context: int = 0,
 ) -> Preprocessing:
     """Decide normalisation, slice axis and size from the training cases.
 
@@ -89,6 +91,11 @@ def plan_preprocessing(
     )
     if axis not in (0, 1, 2):
         raise ValueError(f"slice axis must be 0, 1 or 2, got {axis}")
+    if context and first.geometry.dims == 2:
+        raise DataError(
+            cases[0].images[0],
+            f"is a 2D image: it has no neighbouring slices for context_slices={context}",
+        )
     ct_stats = []
     ct_channels = [c for c, s in enumerate(schemes) if s == "ct"]
     if ct_channels:
@@ -109,6 +116,7 @@ def plan_preprocessing(
         ct_stats=tuple(tuple(s) for s in ct_stats),
         dims=first.geometry.dims,
         spacing=None if spacing is None else tuple(float(v) for v in spacing),
+        context=context,
     )
 
 
@@ -140,7 +148,8 @@ def prepare_image(
     box = nonzero_box(arr) if prep.crop_nonzero else tuple(slice(0, s) for s in arr.shape[1:])
     cropped = normalise(arr[(slice(None), *box)], prep)
     slices = torch.from_numpy(to_slices(cropped, prep.slice_axis))
-    return resize_images(slices, prep.slice_shape(slices.shape[-2:], image.geometry.spacing)), box
+    slices = resize_images(slices, prep.slice_shape(slices.shape[-2:], image.geometry.spacing))
+    return with_context(slices, prep.context), box
 
 
 def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) -> SliceSet:

@@ -52,6 +52,10 @@ class Preprocessing:
         crop_nonzero: crop to the nonzero bounding box before resizing.
         dims: 2 when the model was trained on 2D images (a singleton spatial axis, as a PNG
             has), so that it refuses 3D volumes; 3 when it was trained on volumes.
+        spacing: in-plane spacing in mm slices are resampled to (a plan's); None resizes
+            every slice to ``size``.
+        context: neighbouring slices on each side stacked as extra channels (2.5D): the
+            network sees ``channels * (2 * context + 1)`` inputs, see :func:`with_context`.
     """
 
     schemes: tuple[str, ...]
@@ -61,6 +65,12 @@ class Preprocessing:
     crop_nonzero: bool = True
     dims: int = 3
     spacing: tuple[float, float] | None = None
+    context: int = 0
+
+    def input_channels(self) -> int:
+        """Channels of a network input: every image channel at each of ``2 * context + 1``
+        slices."""
+        return len(self.schemes) * (2 * self.context + 1)
 
     def slice_shape(
         self, extent: tuple[int, int], spacing: tuple[float, float, float]
@@ -90,6 +100,8 @@ class Preprocessing:
             dims=int(d.get("dims", 3)),
             # and resized every slice to ``size``
             spacing=None if d.get("spacing") is None else tuple(float(v) for v in d["spacing"]),
+            # and saw one slice at a time
+            context=int(d.get("context", 0)),
         )
 
 
@@ -159,6 +171,20 @@ def to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
 def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
     """Inverse of :func:`to_slices` for ``(N, A, B)`` label slices -> ``(X, Y, Z)``."""
     return np.moveaxis(slices, 0, axis)
+
+
+def with_context(slices: torch.Tensor, context: int) -> torch.Tensor:
+    """2.5D input: each slice of ``(N, C, H, W)`` with its ``context`` neighbours on each
+    side, ``(N, C * (2 * context + 1), H, W)``, ordered by offset (``-context`` first) and
+    channel within an offset. Beyond the first and last slice the edge slice repeats (the
+    volume's border is not zero anatomy)."""
+    if context == 0:
+        return slices
+    n = slices.shape[0]
+    offsets = torch.arange(-context, context + 1)
+    index = (torch.arange(n)[:, None] + offsets[None]).clamp(0, n - 1)  # (N, 2k+1)
+    stacked = slices[index]  # (N, 2k+1, C, H, W)
+    return stacked.reshape(n, -1, *slices.shape[-2:])
 
 
 def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -47,6 +47,8 @@ class TrainConfig:
         size: slices are resized to ``size x size`` (without a plan).
         slice_axis: spatial axis to slice along; None picks the coarsest (see
             :func:`medflow.data.transforms.choose_slice_axis`).
+        context_slices: neighbouring slices on each side given as extra input channels
+            (2.5D; 0 is plain 2D). Volumes only; with ``plan``, the plan's value.
         val_fraction: fraction of training cases held out for validation.
         channels: backbone width per resolution level.
         dbsa: use Dual-Branch Spatial Attention (else plain addition of image features).
@@ -80,6 +82,10 @@ class TrainConfig:
         dropout: dropout rate in the backbone's residual blocks (0: none); with
             ``model="unet"`` it is the Monte-Carlo dropout baseline (``predict --samples``).
         steps: optimiser steps (with ``time_budget``, replaced by what fits the budget).
+        epochs: train for this many passes over the training slices instead of ``steps``
+            (0: off): ``steps = ceil(epochs * slices / batch_size)``, resolved when the run
+            starts and stored. An epoch here is a pass over the data, as in MONAI and plain
+            PyTorch, not nnU-Net's fixed 250 iterations.
         time_budget: train for this long instead of ``steps`` (``"15m"``, ``"90s"``,
             ``"1.5h"``; empty: off). After the first few steps (inside the warm-up, so no
             learning rate already used depends on it) the run times its steps and one
@@ -108,6 +114,7 @@ class TrainConfig:
     class_balanced: bool = False
     size: int = 96
     slice_axis: int | None = None
+    context_slices: int = 0
     val_fraction: float = 0.15
     channels: tuple[int, ...] = (16, 32, 64, 128)
     dbsa: bool = True
@@ -126,6 +133,7 @@ class TrainConfig:
     shortcut_max_steps: int = 8
     dropout: float = 0.0
     steps: int = 300
+    epochs: int = 0
     time_budget: str = ""
     batch_size: int = 16
     lr: float = 2e-3
@@ -178,6 +186,7 @@ class TrainConfig:
                 "val_every and checkpoint_every must be >= 1",
             ),
             (self.slice_axis in (None, 0, 1, 2), "slice_axis must be 0, 1 or 2"),
+            (0 <= self.context_slices <= 16, "context_slices must be in 0..16"),
             (0.0 <= self.shortcut_fraction < 1.0, "shortcut_fraction must be in [0, 1)"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (
@@ -194,6 +203,13 @@ class TrainConfig:
             (
                 self.time_budget == "" or _seconds(self.time_budget) is not None,
                 "time_budget must be a positive duration like 15m, 90s or 1.5h",
+            )
+        )
+        checks.append((self.epochs >= 0, "epochs must be >= 0"))
+        checks.append(
+            (
+                not (self.epochs and self.time_budget),
+                "give epochs or time_budget, not both",
             )
         )
         for ok, message in checks:

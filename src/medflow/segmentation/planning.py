@@ -38,6 +38,7 @@ def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
         channels=widths(cfg, plan.levels),
         foreground_fraction=plan.foreground_fraction,
         class_balanced=plan.class_balanced,
+        context_slices=plan.context_slices,
     )
 
 

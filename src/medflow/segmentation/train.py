@@ -157,6 +157,7 @@ class _Run:
                 cfg.patch or (cfg.size, cfg.size),
                 cfg.slice_axis,
                 spacing=plan.target_spacing if plan else None,
+                context=cfg.context_slices,
             )
         )
         # a planned run trains on patches of its slices, a third centred on foreground
@@ -171,7 +172,10 @@ class _Run:
             else None
         )
         self.train_set, self.val_set = _load_split(train_cases, val_cases, cfg, self.prep, self.k)
-        self.net = build_net(cfg, len(self.spec.channel_names), self.k).to(self.dev)
+        if cfg.epochs and state is None:  # passes over the slices -> steps, stored resolved
+            steps = math.ceil(cfg.epochs * len(self.train_set) / cfg.batch_size)
+            self.cfg = cfg = dataclasses.replace(cfg, steps=steps)
+        self.net = build_net(cfg, self.prep.input_channels(), self.k).to(self.dev)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         # the forward pass goes through DDP (gradients averaged over ranks); optimiser, EMA
         # and checkpoints use the bare network, so its state_dict has no "module." prefix

@@ -1,0 +1,70 @@
+"""Small targets at the issue's budget: mni152-lesions trained for 15 CPU-minutes (one thread
+for 15 minutes), planned for this machine (``plan="auto"``: the CPU plan's batch), by each
+method named, then scored per voxel (Dice over the test cases, lesion-free cases included)
+and per lesion (F1 pooled over the test cases).
+
+    python benchmarks/lesions.py --work /tmp/lesions --arms medflowseg unet --budget 15m \\
+        --seeds 0 --results benchmarks/results/lesions.json
+
+Arms (``--arms``): ``medflowseg`` (the default method), ``unet`` (the same backbone trained
+with cross-entropy + Dice alone), and ``medflowseg-2.5d`` / ``unet-2.5d`` (one neighbouring
+slice on each side as extra input channels, ``context_slices=1``). Runs go one per core, one
+thread each; ``--reuse`` reads finished runs back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ARMS = {
+    "medflowseg": {},
+    "unet": {"model": "unet"},
+    "medflowseg-2.5d": {"context_slices": 1},
+    "unet-2.5d": {"model": "unet", "context_slices": 1},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=["medflowseg", "unet"])
+    ap.add_argument("--budget", default="15m")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--results", type=Path, required=True)
+    ap.add_argument("--reuse", action="store_true")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from planned import lesion_scores
+
+    from medflow.data.builtin import build
+    from medflow.engine.checkpoint import load_checkpoint
+    from medflow.segmentation.protocol import Arm, results_record, run_protocol
+
+    data = args.work / "data" / "mni152-lesions"
+    if not (data / "dataset.json").is_file():
+        build("mni152-lesions", data, force=True)
+    base = {"plan": "auto", "time_budget": args.budget, "steps": 10**6, "threads": 1}
+    arms = [Arm(a, data, {**base, **ARMS[a]}, tags={"method": a}) for a in args.arms]
+    rows = run_protocol(arms, args.seeds, args.work, reuse=args.reuse, jobs=args.jobs)
+    for r in rows:
+        cfg = load_checkpoint(args.work / r["checkpoint"])["config"]
+        r["batch"], r["patch"] = cfg["batch_size"], cfg["patch"]
+        r["lesions"] = lesion_scores(args.work / r["run"] / "pred_default", data / "labelsTs")
+        print(
+            f"{r['arm']} seed {r['seed']}: {r['train_steps']} steps (batch {r['batch']}), "
+            f"Dice {r['foreground']['dice']:.4f}, lesion F1 {r['lesions']['f1']:.3f} "
+            f"(tp {r['lesions']['tp']}, fn {r['lesions']['fn']}, fp {r['lesions']['fp']})"
+        )
+    record = results_record(rows, {"command": " ".join(sys.argv), "budget": args.budget})
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
