@@ -71,8 +71,10 @@ def test_a_plan_file_is_used_as_written_and_a_bad_one_is_one_line(planned, tmp_p
     assert len(err) == 1 and "bad.json" in err[0] and "not a medflow plan" in err[0]
 
 
-def test_without_a_plan_nothing_changes(tiny_dataset, tmp_path):
-    result = train(tiny_dataset, tmp_path / "run", TrainConfig(**TINY_TRAIN, steps=1), quiet=True)
+def test_without_a_plan_nothing_changes(tiny_dataset, tmp_path, capsys):
+    result = train(tiny_dataset, tmp_path / "run", TrainConfig(**TINY_TRAIN, steps=1))
+    # the run says which plan it used, here none
+    assert "plan: none (every slice resized to 16 x 16, batch 4;" in capsys.readouterr().out
     ckpt = load_checkpoint(result.final_checkpoint)
     assert ckpt["plan"] is None and not (result.run_dir / "plans.json").exists()
     assert Preprocessing.from_dict(ckpt["preprocessing"]).spacing is None

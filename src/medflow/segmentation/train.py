@@ -445,6 +445,14 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
         write_plan(out / PLANS, run.plan)
         if not quiet:
             print(format_plan(run.plan), flush=True)
+    elif not quiet:
+        size = run.cfg.size
+        print(
+            f"plan: none (every slice resized to {size} x {size}, batch {run.cfg.batch_size}; "
+            "--plan auto plans spacing, patch and batch from the data, `medflow plan DATA` "
+            "shows that plan)",
+            flush=True,
+        )
 
     bar = progress(total=cfg.steps, initial=run.start, quiet=quiet, desc="train", unit="step")
     t_start = time.perf_counter()
