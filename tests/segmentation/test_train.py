@@ -1,10 +1,12 @@
 import csv
 import json
+import time
 
 import pytest
 import torch
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
+import medflow.segmentation.train as train_module
 from medflow.engine.checkpoint import load_checkpoint
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.segmentation.config import TrainConfig
@@ -209,3 +211,27 @@ def test_a_time_budget_fixes_the_steps_that_fit_it_and_records_them(tiny_dataset
     assert stored["steps"] == result.steps
     # the schedule ends at zero at the resolved last step
     assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_time_budget_spaces_validation_to_a_tenth_of_it(tiny_dataset, tmp_path):
+    from medflow.engine.logs import read_log
+
+    slow = 0.3  # every validation pass costs this much more than the tiny set's own
+    real = train_module._Run._val_probs
+
+    def val_probs(self):
+        time.sleep(slow)
+        return real(self)
+
+    cfg = TrainConfig(**{**TINY, "steps": 10**6, "time_budget": "6s", "warmup_steps": 8})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module._Run, "_val_probs", val_probs)
+        result = train(tiny_dataset, tmp_path / "run", cfg, quiet=True)
+    every = load_checkpoint(result.final_checkpoint)["config"]["val_every"]
+    assert every > TINY["val_every"]
+    log = read_log(result.run_dir / "log.csv")
+    after = [r["step"] for r in log if r["val_dice"] == r["val_dice"] and r["step"] > 6]
+    # validations after the fit fall on multiples of the new spacing (and the last step)
+    assert all(s % every == 0 or s == result.steps for s in after)
+    # and together take about a tenth of the budget, not the half they would every 2 steps
+    assert slow * len(after) <= 0.1 * 6.0 * 1.5 + slow
