@@ -164,3 +164,22 @@ def test_predict_command_runs_channels_last_unless_told_not_to(flag, expected, m
     argv = ["predict", "--model", "m.pt", "--input", "in", "--out", "out", "--threads", "1"]
     assert cli.main([*argv, *flag]) == 0
     assert seen["channels_last"] is expected and seen["compile"] is False
+
+
+def test_configure_net_hands_the_compile_mode_and_backend_to_torch_compile(monkeypatch):
+    seen = {}
+
+    def fake_compile(module, **kwargs):
+        seen.update(kwargs, module=module)
+        return "compiled"
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    net = SegNet(NetConfig(1, 3, channels=(8, 16)))
+    out = runtime.configure_net(
+        net, compile=True, compile_mode="reduce-overhead", compile_backend="eager"
+    )
+    assert out == "compiled" and seen["module"] is net
+    assert (seen["mode"], seen["backend"]) == ("reduce-overhead", "eager")
+    assert "forward" in vars(net.faa)  # FAA still runs eagerly, whatever the mode
+    runtime.configure_net(net, compile=True)
+    assert (seen["mode"], seen["backend"]) == (None, "inductor")  # torch's own defaults

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from medflow.engine.distributed import Ranks
 from medflow.errors import MedflowError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -81,7 +85,12 @@ def autocast(
 
 
 def configure_net(
-    net: torch.nn.Module, *, channels_last: bool = False, compile: bool = False
+    net: torch.nn.Module,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
 ) -> torch.nn.Module:
     """``net`` set up to run faster, maybe: weights in ``channels_last`` memory format (in
     place: the convolutions then return channels-last activations whatever the input's
@@ -94,7 +103,9 @@ def configure_net(
     Inductor (torch 2.13, CPU) fails on FAA's complex FFT arithmetic ("self.stride(-1) must
     be 1 to view ComplexFloat as Float"; like pytorch#167265), so FAA modules run eagerly
     inside the compiled network, one graph break each. The compiled module shares ``net``'s
-    parameters and forwards its attributes.
+    parameters and forwards its attributes. ``compile_mode`` and ``compile_backend`` go to
+    ``torch.compile`` (``"reduce-overhead"``: inductor replays CUDA graphs; benchmarks/gpu.py
+    measures it).
     """
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -105,7 +116,35 @@ def configure_net(
     for module in net.modules():
         if isinstance(module, FrequencyAwareAttention):
             module.forward = torch.compiler.disable(module.forward)
-    return torch.compile(net)
+    return torch.compile(net, mode=compile_mode, backend=compile_backend)
+
+
+def cuda_graph(fn: Callable[[], T], warmup: int = 3) -> Callable[[], T]:
+    """``fn`` captured once in a CUDA graph; the returned function replays it and returns
+    ``fn``'s output tensors, overwritten in place by each replay. What ``fn`` reads (its
+    inputs, its weights) is read from the same memory at every replay: copy new data into
+    the captured inputs to compute on it.
+
+    ``fn`` must be capturable: no host synchronisation, no new shapes. Under autocast its
+    weights must not require grad (autocast caches the casts of such leaves, and a cached
+    cast would outlive the capture). The warm-up calls run on a side stream first, as
+    capture requires: cuDNN picks its algorithms and the allocator settles there.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> T:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def progress(iterable=None, *, quiet: bool = False, **kwargs):
