@@ -235,3 +235,27 @@ def test_a_time_budget_spaces_validation_to_a_tenth_of_it(tiny_dataset, tmp_path
     assert all(s % every == 0 or s == result.steps for s in after)
     # and together take about a tenth of the budget, not the half they would every 2 steps
     assert slow * len(after) <= 0.1 * 6.0 * 1.5 + slow
+
+
+def test_a_cpu_clock_budget_ignores_time_the_process_does_not_run(tiny_dataset, tmp_path):
+    from medflow.engine.logs import read_log
+
+    nap = 0.05  # per step, asleep: wall time passes, this process's CPU time does not
+    real = train_module._Run.step
+
+    def step(self, i):
+        time.sleep(nap)
+        return real(self, i)
+
+    cfg = TrainConfig(**{**TINY, "steps": 10**6, "time_budget": "1s", "budget_clock": "cpu"})
+    t0 = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module._Run, "step", step)
+        result = train(tiny_dataset, tmp_path / "run", cfg, quiet=True)
+    wall = time.perf_counter() - t0
+    log = read_log(result.run_dir / "log.csv")
+    # the log counts CPU seconds, about the budget, while the naps went by on the wall
+    assert log[-1]["seconds"] < 2.0
+    assert wall > log[-1]["seconds"] + 0.8 * nap * result.steps
+    with pytest.raises(ValueError, match="budget_clock must be wall or cpu"):
+        TrainConfig(budget_clock="gpu")

@@ -92,6 +92,10 @@ class TrainConfig:
             validation pass and fixes ``steps`` to what fits, so the cosine schedule still
             ends at zero; the budget covers training and validation, not the final
             checkpoint write or prediction. The resolved steps are logged and stored.
+        budget_clock: what ``time_budget`` and the log's ``seconds`` count: ``"wall"``
+            (elapsed time, the default) or ``"cpu"`` (this process's CPU time over all its
+            threads: "15 CPU-minutes", which jobs sharing the machine do not eat; one thread
+            for 15 minutes on an idle machine is about the same).
         batch_size: slices per step.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
@@ -135,6 +139,7 @@ class TrainConfig:
     steps: int = 300
     epochs: int = 0
     time_budget: str = ""
+    budget_clock: str = "wall"
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -206,6 +211,7 @@ class TrainConfig:
             )
         )
         checks.append((self.epochs >= 0, "epochs must be >= 0"))
+        checks.append((self.budget_clock in ("wall", "cpu"), "budget_clock must be wall or cpu"))
         checks.append(
             (
                 not (self.epochs and self.time_budget),

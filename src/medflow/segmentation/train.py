@@ -242,6 +242,11 @@ class _Run:
             TrainBatch(images, masks, self.model, self.net, self.gen, self.part)
         )
 
+    def clock(self) -> float:
+        """Seconds on the run's clock: wall time, or with ``budget_clock="cpu"`` this
+        process's CPU time (all its threads), which other jobs on the machine do not eat."""
+        return time.process_time() if self.cfg.budget_clock == "cpu" else time.perf_counter()
+
     def fit_budget(self, done: int, elapsed: float | None) -> None:
         """Fix ``cfg.steps`` to what fits the time budget (rank 0 decides from ``elapsed``,
         the seconds its steps so far took, and every rank takes its answer): the steps
@@ -255,9 +260,9 @@ class _Run:
             per_step = (elapsed - first) / max(1, done - 1)
             val_every = self.cfg.val_every
             if self.val_set is not None:
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 self._val_probs()
-                val_cost = time.perf_counter() - t0
+                val_cost = self.clock() - t0
                 spaced = math.ceil(val_cost / (VALIDATION_SHARE * max(per_step, 1e-9)))
                 val_every = max(val_every, spaced)
                 per_step += val_cost / val_every
@@ -465,7 +470,7 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
         )
 
     bar = progress(total=cfg.steps, initial=run.start, quiet=quiet, desc="train", unit="step")
-    t_start = time.perf_counter()
+    t_start = run.clock()
     elapsed0 = run.log_rows[-1]["seconds"] if run.log_rows else 0.0
     step = run.start
     try:
@@ -473,7 +478,7 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
             row = run.step(step)
             step = done = row["step"]
             if done == budget_probe(run.cfg):
-                run.fit_budget(done, elapsed0 + time.perf_counter() - t_start)
+                run.fit_budget(done, elapsed0 + run.clock() - t_start)
                 bar.total = run.cfg.steps
                 atomic_write(
                     out / "config.json",
@@ -483,7 +488,7 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
             if run.val_set is not None and (done % cfg.val_every == 0 or done == cfg.steps):
                 row.update(run.validate(done))
                 bar.set_postfix(val_dice=f"{row['val_dice']:.3f}")
-            row["seconds"] = elapsed0 + time.perf_counter() - t_start
+            row["seconds"] = elapsed0 + run.clock() - t_start
             run.log_rows.append(row)
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
