@@ -137,3 +137,28 @@ def test_a_2_5d_model_sees_its_neighbours_end_to_end(tmp_path, capsys):
     )
     run = train(data, tmp_path / "auto", TrainConfig(**{**plan, "plan": str(path)}), quiet=True)
     assert Predictor(run.final_checkpoint, device="cpu").net.cfg.in_channels == 10
+
+
+def test_the_cli_plans_trains_predicts_and_evaluates_a_tiny_3d_set(tmp_path, capsys):
+    import json
+
+    data = make_nnunet_dataset(tmp_path / "ds", shape=SHAPE, spacing=SPACING, n_test=1)
+    plans, run, pred, ev = (tmp_path / n for n in ("plans.json", "run", "pred", "eval"))
+    assert main(["plan", str(data), "--out", str(plans), "--set", "batch_size=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch_size: 3: set by override" in printed and "compute" in printed
+    flags = ["--channels", "8,16", "--threads", "1", "--steps", "2", "--val-every", "2"]
+    assert main(["train", "--data", str(data), "--out", str(run), "--plan", str(plans), *flags,
+                 "--quiet"]) == 0  # fmt: skip
+    ckpt = load_checkpoint(run / "checkpoint_final.pt")
+    assert ckpt["config"]["batch_size"] == 3 and ckpt["plan"] == read_plan(plans).to_dict()
+    model = str(run / "checkpoint_final.pt")
+    assert main(["predict", "--model", model, "--input", str(data / "imagesTs"), "--out",
+                 str(pred), "--quiet"]) == 0  # fmt: skip
+    out = nib.load(str(pred / "case04.nii.gz"))
+    ref = nib.load(str(data / "labelsTs" / "case04.nii.gz"))
+    assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(data / "labelsTs"), "--out",
+                 str(ev)]) == 0  # fmt: skip
+    summary = json.loads((ev / "summary.json").read_text())
+    assert 0.0 <= summary["foreground_mean"]["dice"] <= 1.0 and "case04" in json.dumps(summary)
