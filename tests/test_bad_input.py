@@ -330,6 +330,13 @@ def test_3d_volume_for_a_2d_model(capsys, png_model):
     )
 
 
+def test_refine_start_outside_its_range(capsys, png_model):
+    write_pngs("in", 1)
+    argv = predict_argv(png_model, "in", "pred", "--sampler", "refine", "--refine-start", "0")
+    fails(capsys, argv, "--refine-start 0.0: must be in (0, 1]")
+    assert not Path("pred").exists()
+
+
 def test_wrong_channel_count_at_predict(capsys, png_model):
     Path("in").mkdir()
     rgb = np.random.default_rng(0).integers(0, 255, (24, 20, 3)).astype(np.uint8)

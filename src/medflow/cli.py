@@ -223,12 +223,20 @@ def _add_predict(verbs) -> None:
     p.add_argument(
         "--sampler",
         default="auto",
-        choices=("auto", "euler", "heun", "shortcut", "ddim", "ddpm"),
+        choices=("auto", "euler", "heun", "refine", "shortcut", "ddim", "ddpm"),
         help="euler or heun for a flow model (from noise, one step lands on the posterior "
-        "mean); shortcut (models trained with shortcut jumps) for posterior samples, one "
-        "evaluation each; ddim or ddpm for a diffusion model (default auto: euler or ddim by "
-        "the checkpoint; with --uncertainty, a shortcut model's samples are shortcut jumps "
-        "and its mask the one-step posterior mean)",
+        "mean); refine (a flow model: the one-step estimate, then Euler from --refine-start "
+        "to 1 in the remaining steps); shortcut (models trained with shortcut jumps) for "
+        "posterior samples, one evaluation each; ddim or ddpm for a diffusion model "
+        "(default auto: euler or ddim by the checkpoint; with --uncertainty, a shortcut "
+        "model's samples are shortcut jumps and its mask the one-step posterior mean)",
+    )
+    p.add_argument(
+        "--refine-start",
+        type=float,
+        default=0.5,
+        metavar="T0",
+        help="with --sampler refine: the time in (0, 1] the refinement restarts from (default 0.5)",
     )
     p.add_argument(
         "--samples",
@@ -606,6 +614,8 @@ def _predict(args: argparse.Namespace) -> int:
             f"--samples {args.samples}: --save-samples writes at most 100 samples per case "
             "(<case>_sample00 .. _sample99)"
         )
+    if not 0.0 < args.refine_start <= 1.0:
+        raise MedflowError(f"--refine-start {args.refine_start}: must be in (0, 1]")
     configure_threads(args.threads)
     options = SamplingOptions(
         steps=args.steps,
@@ -614,6 +624,7 @@ def _predict(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         fusion=args.fusion,
+        refine_start=args.refine_start,
     )
     written = predict_folder(
         args.model,

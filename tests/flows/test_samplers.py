@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medflow.flows.samplers import euler, heun, one_step
+from medflow.flows.samplers import euler, heun, one_step, refine
 
 
 def constant(c):
@@ -78,3 +78,46 @@ def test_euler_with_grad_matches_euler_and_carries_gradients():
     (g_plain,) = torch.autograd.grad(plain.sum(), w)
     # recomputing each step in the backward pass changes memory, not the gradient
     assert g_ckpt != 0 and torch.allclose(g_ckpt, g_plain)
+
+
+def recording(calls):
+    """A nonlinear field that records the state and time of every evaluation."""
+
+    def field(x, t, cond):
+        calls.append((x.clone(), t.clone()))
+        return torch.sin(3 * x) + t.view(-1, 1, 1, 1)
+
+    return field
+
+
+def test_refine_is_euler_on_a_grid_that_jumps_from_0_to_its_start():
+    calls = []
+    x0 = torch.randn(2, 3, 4, 4)
+    out = refine(recording(calls), x0, None, 4, start=0.4)
+    assert [round(float(t[0]), 6) for _, t in calls] == [0.0, 0.4, 0.6, 0.8]  # 4 evaluations
+    x = x0
+    for a, b in ((0.0, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)):
+        x = x + (b - a) * (torch.sin(3 * x) + a)
+    assert torch.allclose(out, x, atol=1e-5)
+    # plain Euler with n steps is the start 1 / n
+    assert torch.allclose(
+        refine(recording([]), x0, None, 4, start=0.25), euler(recording([]), x0, None, 4), atol=1e-6
+    )
+
+
+def test_refine_renoises_the_one_step_estimate_and_at_start_1_returns_it():
+    x0, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    estimate = one_step(recording([]), x0)
+    calls = []
+    refine(recording(calls), x0, None, 3, start=0.3, noise=z)
+    assert torch.allclose(calls[1][0], 0.7 * z + 0.3 * estimate, atol=1e-6)  # fresh noise
+    calls.clear()
+    assert torch.equal(refine(recording(calls), x0, None, 5, start=1.0), estimate)
+    assert len(calls) == 5  # the evaluations are the steps asked for, even when they move nothing
+    calls.clear()
+    assert torch.equal(refine(recording(calls), x0, None, 1), estimate) and len(calls) == 1
+    for start in (0.0, 1.5):
+        with pytest.raises(ValueError, match="start must be in"):
+            refine(recording([]), x0, None, 2, start=start)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        refine(recording([]), x0, None, 2, noise=torch.zeros(1, 3, 4, 4))

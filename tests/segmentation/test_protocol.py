@@ -55,6 +55,16 @@ def test_reuse_reads_back_a_finished_run_and_retrains_a_changed_one(data, tmp_pa
     monkeypatch.setattr(protocol, "train", counting)
     assert run_protocol(_arms(data), [0], tmp_path, reuse=True) == first
     assert trained == []
+    # a run recorded before a field existed is still the same run when the field's default
+    # reproduces it (here: the budget clock and the refine start)
+    path = tmp_path / "runs" / "flow_seed0" / "result.json"
+    record = json.loads(path.read_text())
+    del record["key"]["config"]["budget_clock"]
+    for _, options in record["key"]["settings"]:
+        del options["refine_start"]
+    path.write_text(json.dumps(record))
+    assert run_protocol(_arms(data), [0], tmp_path, reuse=True) == first
+    assert trained == []
     run_protocol(_arms(data, lr=1e-3), [0], tmp_path, reuse=True)
     assert trained == ["flow_seed0"]  # only the arm whose config changed
 

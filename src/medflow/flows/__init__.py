@@ -21,11 +21,16 @@ Conventions, fixed once for the whole package:
   and the solver: a diffusion sampler walks DDPM's steps down from noise to data, a flow
   sampler integrates ``t`` up from 0 to 1; the caller sees neither. DDPM alone takes one
   more argument, ``noise``, the fresh noise of its ancestral steps.
+* ``cond`` belongs to the field, and a sampler passes the same one to every evaluation of an
+  integration, so a field may keep the state of one trajectory there: a self-conditioned
+  :class:`~.parameterization.FlowField` keeps its last endpoint estimate in it. One ``cond``
+  per trajectory (:meth:`~.parameterization.Conditioning.trajectory` starts another on the
+  same cached features).
 """
 
 from medflow.flows.encoding import flow_to_mask, flow_to_probs, mask_to_flow
 from medflow.flows.paths import LinearPath, PathSample, sample_time
-from medflow.flows.samplers import euler, heun, one_step
+from medflow.flows.samplers import euler, heun, one_step, refine
 
 __all__ = [
     "LinearPath",
@@ -36,5 +41,6 @@ __all__ = [
     "heun",
     "mask_to_flow",
     "one_step",
+    "refine",
     "sample_time",
 ]

@@ -12,6 +12,7 @@ therefore restricts nothing, and one Euler step from ``t = 0``,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,28 @@ def logits_to_endpoint(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Conditioning:
-    """What the velocity field is conditioned on: the image and its cached features."""
+    """What the velocity field is conditioned on: the image, its cached features and, for a
+    self-conditioned network, the endpoint estimate of the trajectory being integrated.
+
+    A sampler passes ``cond`` unchanged to every evaluation and never looks inside, so the
+    estimate is the field's own state: :class:`FlowField` reads it before an evaluation and
+    writes that evaluation's estimate after it. One ``Conditioning`` therefore follows one
+    trajectory; :meth:`trajectory` starts another on the same cached features.
+
+    Attributes:
+        image: ``(B, C, H, W)`` network-ready image.
+        feats: its image-branch features (None: computed by the network per call).
+        estimate: ``(B, K, H, W)`` class probabilities of the latest endpoint estimate
+            (None: none yet, which the network reads as zeros).
+    """
 
     image: torch.Tensor
     feats: list[torch.Tensor] | None = None
+    estimate: torch.Tensor | None = None
+
+    def trajectory(self, estimate: torch.Tensor | None = None) -> Conditioning:
+        """The same image and features for a new trajectory, starting from ``estimate``."""
+        return dataclasses.replace(self, estimate=estimate)
 
 
 PARAMETERIZATIONS = ("endpoint", "velocity")
@@ -51,6 +70,11 @@ class FlowField:
             is then the average velocity over a jump of ``d``, and Euler with ``1 / d`` steps
             draws a posterior sample (:mod:`medflow.flows.shortcut`). None: the
             instantaneous velocity (``d = 0``), whose one-step end is the posterior mean.
+
+    A network built with ``self_condition`` reads ``cond.estimate`` at every evaluation
+    and the field stores there the class probabilities of the endpoint it predicted, so the
+    next step of any sampler is conditioned on the previous step's estimate and the first
+    step on none (zeros): the one-step prediction stays one evaluation.
     """
 
     def __init__(
@@ -65,6 +89,9 @@ class FlowField:
                 f"unknown parameterization {parameterization!r}; "
                 f"expected one of {PARAMETERIZATIONS}"
             )
+        self.self_condition = bool(getattr(getattr(net, "cfg", None), "self_condition", False))
+        if self.self_condition and parameterization != "endpoint":
+            raise ValueError("self-conditioning needs the endpoint parameterization")
         self.net = net
         self.parameterization = parameterization
         self.min_gap = min_gap
@@ -84,8 +111,13 @@ class FlowField:
         """Velocity at ``(x, t)`` averaged over jumps of per-row size ``step`` ``(B,)``
         (None: the instantaneous velocity)."""
         extra = {} if step is None else {"step": step}
+        if self.self_condition:
+            extra["estimate"] = cond.estimate
         out = self.net(x, t, cond.image, feats=cond.feats, **extra)
         if self.parameterization == "velocity":
             return out.to(x.dtype)
-        x1_hat = logits_to_endpoint(out).to(x.dtype)
+        probs = torch.softmax(out.float(), dim=1)
+        if self.self_condition:
+            cond.estimate = probs.detach()
+        x1_hat = (2.0 * probs - 1.0).to(x.dtype)  # logits_to_endpoint, probabilities kept
         return LinearPath.velocity_from_endpoint(x1_hat, x, t, self.min_gap)

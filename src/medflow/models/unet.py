@@ -43,6 +43,12 @@ class NetConfig(LevelsConfig):
             ``d`` (shortcut model, :mod:`medflow.flows.shortcut`), so one evaluation with
             ``d = 1`` from noise is a posterior sample. Only with ``flow``; checkpoints
             written before it existed load with it off.
+        self_condition: the flow network also reads an estimate of the endpoint (class
+            probabilities ``(B, K, H, W)``, concatenated at the stem after the image; zeros
+            when there is none): the previous step's estimate while sampling, its own
+            detached first pass on half of every training batch (self-conditioning, Chen et
+            al. 2022). Only with ``flow``; checkpoints written before it existed load with it
+            off.
         dropout: dropout rate in every residual block (0: none). A plain UNet with dropout
             is the Monte-Carlo dropout baseline: ``samples > 1`` keeps dropout on at
             inference, one mask per draw.
@@ -57,11 +63,14 @@ class NetConfig(LevelsConfig):
     image_branch: bool = True
     time_dim: int = 128
     step_input: bool = False
+    self_condition: bool = False
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.step_input and not self.flow:
             raise ValueError("step_input needs a flow network (flow=True)")
+        if self.self_condition and not self.flow:
+            raise ValueError("self_condition needs a flow network (flow=True)")
         if self.flow and not self.image_branch and (self.dbsa or self.faa):
             raise ValueError("dbsa and faa need the image branch (image_branch=True)")
         if not 0.0 <= self.dropout < 1.0:
@@ -92,7 +101,9 @@ class SegNet(nn.Module):
         tdim = cfg.time_dim if cfg.flow else None
         self.time = SinusoidalTimeEmbedding(cfg.time_dim) if cfg.flow else None
         self.step = SinusoidalTimeEmbedding(cfg.time_dim) if cfg.step_input else None
-        stem_in = cfg.in_channels + (cfg.num_classes if cfg.flow else 0)
+        # flow mode reads [x_t, image] (and the endpoint estimate when self-conditioned);
+        # the estimate's channels come last, so networks without it keep their stem
+        stem_in = cfg.in_channels + cfg.num_classes * (int(cfg.flow) + int(cfg.self_condition))
         self.stem = nn.Conv2d(stem_in, ch[0], 3, padding=1)
 
         if cfg.flow and cfg.image_branch:
@@ -143,9 +154,14 @@ class SegNet(nn.Module):
         *args: torch.Tensor,
         feats: list[torch.Tensor] | None = None,
         step: torch.Tensor | None = None,
+        estimate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow mode ``(x_t, t, image)``, plain mode ``(image)``; ``step`` ``(B,)`` is the
-        jump size of a network with ``step_input`` (None: 0, the instantaneous velocity)."""
+        jump size of a network with ``step_input`` (None: 0, the instantaneous velocity);
+        ``estimate`` ``(B, K, H, W)`` the endpoint estimate of a network with
+        ``self_condition`` (None: zeros, no estimate)."""
+        if estimate is not None and not self.cfg.self_condition:
+            raise ValueError("this network reads no estimate (self_condition=False)")
         if self.cfg.flow:
             x_t, t, image = args
             self._check(image)
@@ -157,7 +173,10 @@ class SegNet(nn.Module):
             g = None
             if self.cfg.image_branch:
                 g = feats if feats is not None else self.image_features(image)
-            h = self.stem(torch.cat([x_t, image], dim=1))
+            inputs = [x_t, image]
+            if self.cfg.self_condition:
+                inputs.append(torch.zeros_like(x_t) if estimate is None else estimate.to(x_t))
+            h = self.stem(torch.cat(inputs, dim=1))
         else:
             (image,) = args
             self._check(image)

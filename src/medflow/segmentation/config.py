@@ -79,6 +79,16 @@ class TrainConfig:
             parameterisation only; other models ignore it.
         shortcut_max_steps: the Euler steps of the instantaneous field that the one-step
             sample distils (a power of 2; jumps of ``2/M .. 1`` are trained).
+        self_condition: the network also reads its previous endpoint estimate (class
+            probabilities; zeros when there is none, as for one-step prediction); half of
+            every batch is trained on the estimate of a first pass without gradient
+            (self-conditioning, Chen et al. 2022; docs/MODEL.md). MedFlowSeg with the
+            endpoint parameterisation only.
+        recycle_fraction: fraction of the rows at ``t > 0`` (and jump 0) whose state is built
+            from the network's own detached one-step estimate instead of the true mask,
+            ``x_t = (1 - t) x0 + t x1_hat(x0, 0)``, the loss still scoring the true mask
+            (recycling, Fu et al. 2023): the states a refinement from the one-step estimate
+            meets. MedFlowSeg with the endpoint parameterisation only.
         dropout: dropout rate in the backbone's residual blocks (0: none); with
             ``model="unet"`` it is the Monte-Carlo dropout baseline (``predict --samples``).
         steps: optimiser steps (with ``time_budget``, replaced by what fits the budget).
@@ -135,6 +145,8 @@ class TrainConfig:
     seg_weight: float = 1.0
     shortcut_fraction: float = 0.25
     shortcut_max_steps: int = 8
+    self_condition: bool = False
+    recycle_fraction: float = 0.0
     dropout: float = 0.0
     steps: int = 300
     epochs: int = 0
@@ -193,6 +205,13 @@ class TrainConfig:
             (self.slice_axis in (None, 0, 1, 2), "slice_axis must be 0, 1 or 2"),
             (0 <= self.context_slices <= 16, "context_slices must be in 0..16"),
             (0.0 <= self.shortcut_fraction < 1.0, "shortcut_fraction must be in [0, 1)"),
+            (0.0 <= self.recycle_fraction <= 1.0, "recycle_fraction must be in [0, 1]"),
+            (
+                not (self.self_condition or self.recycle_fraction)
+                or (self.model == "medflowseg" and self.parameterization == "endpoint"),
+                "self_condition and recycle_fraction need model medflowseg with the endpoint "
+                "parameterization",
+            ),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (
                 self.shortcut_max_steps >= 2

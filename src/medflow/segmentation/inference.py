@@ -15,6 +15,7 @@ slice. Which path a checkpoint takes is its method's business
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,11 +25,12 @@ from medflow.engine.runtime import autocast
 from medflow.flows.diffusion import DIFFUSION_SAMPLERS, EpsilonField
 from medflow.flows.encoding import flow_to_probs
 from medflow.flows.parameterization import FlowField
-from medflow.flows.samplers import SAMPLERS
+from medflow.flows.samplers import DEFAULT_REFINE_START, SAMPLERS, refine
 from medflow.models.unet import SegNet
 from medflow.uncertainty.fusion import FUSIONS
 
 SHORTCUT = "shortcut"  # one jump-averaged Euler step per 1/steps: a posterior sample
+REFINE = "refine"  # the one-step estimate, re-noised to t = refine_start, then Euler to 1
 # Draws of one batch: (slices of the batch on the device, their rows in the whole set) -> one
 # probability tensor (B, K, H, W) per sample
 Draws = Callable[[torch.Tensor, slice], list[torch.Tensor]]
@@ -41,13 +43,16 @@ class SamplingOptions:
     Attributes:
         steps: network steps; None takes the method's default (one Euler step, one network
             evaluation, for a flow model; 50 DDIM steps for a diffusion model).
-        sampler: ``"euler"``, ``"heun"`` or ``"shortcut"`` for a flow model, ``"ddim"`` or
-            ``"ddpm"`` for a diffusion model; ``"auto"`` takes the method's default.
+        sampler: ``"euler"``, ``"heun"``, ``"refine"`` or ``"shortcut"`` for a flow model,
+            ``"ddim"`` or ``"ddpm"`` for a diffusion model; ``"auto"`` takes the method's
+            default.
         samples: noise draws averaged into one soft mask (an ensemble).
         seed: seed of the noise (sample ``s`` starts from seed ``seed + s``).
         batch_size: slices per network call.
         fusion: ``"mean"`` (argmax of the mean soft mask) or ``"vote"`` (majority vote of
             the samples' label maps); used by ``Predictor.predict_uncertain``.
+        refine_start: where ``"refine"`` re-noises the one-step estimate, in (0, 1]
+            (:func:`medflow.flows.samplers.refine`); other samplers ignore it.
     """
 
     steps: int | None = None
@@ -56,10 +61,13 @@ class SamplingOptions:
     seed: int = 0
     batch_size: int = 32
     fusion: str = "mean"
+    refine_start: float = DEFAULT_REFINE_START
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {list(FUSIONS)}")
+        if not 0.0 < self.refine_start <= 1.0:
+            raise ValueError(f"refine_start must be in (0, 1], got {self.refine_start}")
 
 
 def _noise(images: torch.Tensor, k: int, samples: int, seed: int) -> list[torch.Tensor]:
@@ -161,10 +169,16 @@ def flow_probs(
     per_sample: bool = False,
     shortcut_max_steps: int = 8,
     noise: list[torch.Tensor] | None = None,
+    refine_start: float = DEFAULT_REFINE_START,
 ) -> torch.Tensor:
     """A flow network: integrate from Gaussian noise with ``sampler`` (``"euler"`` or
     ``"heun"``) for ``steps`` steps (one Euler step, one network evaluation, by default: from
-    the same noise, one step lands on the posterior mean). ``"shortcut"`` (a network trained
+    the same noise, one step lands on the posterior mean). ``"refine"`` takes that one-step
+    estimate, re-noises it with the same starting noise to ``t = refine_start`` and takes the
+    other ``steps - 1`` Euler steps from there (:func:`medflow.flows.samplers.refine`; the
+    noise is the sample's own, so windows and batches see the same draws as the other
+    samplers). A self-conditioned network reads, at every step, the estimate of the step
+    before (none at the first). ``"shortcut"`` (a network trained
     with shortcut jumps, ``net.cfg.step_input``) takes ``steps`` jumps of size ``1 / steps``:
     one evaluation per posterior *sample* (:mod:`medflow.flows.shortcut`); from
     ``shortcut_max_steps`` on, jumps that small were never trained and it takes Euler steps
@@ -174,12 +188,14 @@ def flow_probs(
     replaces the draws from ``seed``; passing the drawn noise gives the same result. Which
     samplers a model takes is checked by its method; here an unknown name is a ValueError."""
     _check_counts(steps, samples)
-    if sampler != SHORTCUT and sampler not in SAMPLERS:
-        raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+    solvers = {**SAMPLERS, REFINE: functools.partial(refine, start=refine_start)}
+    # shortcut jumps are Euler steps of the jump-averaged velocity
+    solvers[SHORTCUT] = SAMPLERS["euler"]
+    if sampler not in solvers:
+        raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {sorted(solvers)}")
     jump = 1.0 / steps if sampler == SHORTCUT and steps < shortcut_max_steps else None
     field = FlowField(net, parameterization, min_gap, step=jump)
-    # shortcut jumps are Euler steps of the jump-averaged velocity
-    solve = SAMPLERS.get(sampler, SAMPLERS["euler"])
+    solve = solvers[sampler]
     k = net.cfg.num_classes
     if noise is None:
         noise = _noise(images, k, samples, seed)
@@ -187,9 +203,10 @@ def flow_probs(
         noise = _given_noise(noise, images, k, samples)
 
     def draws(x: torch.Tensor, rows: slice) -> list[torch.Tensor]:
-        cond = field.condition(x)  # once per batch, shared by every sample
+        cond = field.condition(x)  # features once per batch, shared by every sample
         return [
-            flow_to_probs(solve(field, z[rows].to(x.device), cond, steps).float()) for z in noise
+            flow_to_probs(solve(field, z[rows].to(x.device), cond.trajectory(), steps).float())
+            for z in noise
         ]
 
     return _batched(net, images, batch_size, per_sample, draws)

@@ -5,7 +5,8 @@ exports, and its name, which every checkpoint stores (as nnU-Net stores ``traine
 ``unet``                 the backbone trained discriminatively: one softmax; with dropout,
                          Monte-Carlo dropout samples
 ``medflowseg``           flow matching from noise to the mask, the instantaneous field
-                         alone: Euler or Heun, one evaluation by default
+                         alone: Euler, Heun or refinement of the one-step estimate, one
+                         evaluation by default
 ``medflowseg-shortcut``  MedFlowSeg that also learns shortcut jumps: one evaluation per
                          posterior sample (:mod:`medflow.flows.shortcut`)
 ``diffusion``            the backbone trained to predict DDPM noise, MedSegDiff-style:
@@ -19,7 +20,9 @@ and export), so nothing branches on ``model``, ``parameterization`` or ``step_in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,12 +46,17 @@ from medflow.flows.shortcut import ShortcutDraw, consistency_target, sample_jump
 from medflow.models.unet import NetConfig, SegNet
 from medflow.segmentation.config import TrainConfig
 from medflow.segmentation.inference import (
+    REFINE,
     SHORTCUT,
     SamplingOptions,
     diffusion_probs,
     flow_probs,
     unet_probs,
 )
+
+# the share of rows trained on a self-conditioning estimate (Chen et al. 2022 use one half:
+# the other half keeps the first step, which has no estimate, trained as often)
+SELF_CONDITION_RATE = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,8 @@ class Method:
     kind: ClassVar[str]  # how messages call it: "UNet", "flow", "diffusion"
     samplers: ClassVar[tuple[str, ...]]
     default_sampler: ClassVar[str]
-    # steps of each sampler when none are asked for
-    default_steps: ClassVar[dict[str, int]] = {"euler": 1, "heun": 1, SHORTCUT: 1}
+    # steps of each sampler when none are asked for (refine: the estimate and one correction)
+    default_steps: ClassVar[dict[str, int]] = {"euler": 1, "heun": 1, SHORTCUT: 1, REFINE: 2}
     # how validation samples during training
     validation: ClassVar[SamplingOptions] = SamplingOptions(steps=1, sampler="euler")
     # whether one evaluation draws a posterior sample (the uncertainty path's samples)
@@ -103,6 +111,7 @@ class Method:
             faa=cfg.faa,
             image_branch=cfg.image_branch,
             step_input=self.posterior,
+            self_condition=cfg.self_condition,
             dropout=cfg.dropout,
         )
 
@@ -210,7 +219,7 @@ class MedFlowSeg(Method):
     (docs/MODEL.md): the loss is flow matching plus cross-entropy + Dice on the endpoint."""
 
     name, kind = "medflowseg", "flow"
-    samplers, default_sampler = ("euler", "heun"), "euler"
+    samplers, default_sampler = ("euler", "heun", REFINE), "euler"
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
@@ -225,7 +234,66 @@ class MedFlowSeg(Method):
         t, d = self._times(x1.shape[0], batch.gen)
         t, d = t.to(x1.device), d.to(x1.device)
         x0, x1, t, d = (v[batch.rows] for v in (x0, x1, t, d))
-        return self.path.sample(x0, x1, t), x1, d
+        sample = self.path.sample(x0, x1, t)
+        if self.cfg.recycle_fraction:
+            sample = self._recycle(batch, sample, x0, d)
+        return sample, x1, d
+
+    def _recycle(self, batch: TrainBatch, sample: PathSample, x0, d) -> PathSample:
+        """Recycling (Fu et al. 2023): on ``recycle_fraction`` of the rows (drawn for the whole
+        batch) that are at ``t > 0`` and jump 0, the state is built from the network's own
+        one-step estimate instead of the mask, ``x_t = (1 - t) x0 + t x1_hat(x0, 0)``, with
+        the same noise, as :func:`~medflow.flows.samplers.refine` re-noises it. The loss
+        still scores the true mask, so these rows learn to correct the estimate."""
+        n = batch.masks.shape[0]
+        pick = (torch.rand(n, generator=batch.gen) < self.cfg.recycle_fraction)[batch.rows]
+        pick = pick.to(x0.device) & (sample.t > 0) & (d == 0)
+        if not bool(pick.any()):
+            return sample
+        t = sample.t[pick]
+        probs = self._first_pass(
+            batch.net, x0[pick], torch.zeros_like(t), batch.images[batch.rows][pick], d[pick]
+        )
+        tt = t.view(-1, 1, 1, 1)
+        x_t = sample.x_t.clone()
+        x_t[pick] = ((1.0 - tt) * x0[pick] + tt * (2.0 * probs - 1.0)).to(x_t.dtype)
+        # dx_t stays x1 - x0: the endpoint loss scores x1_hat against the mask, not dx_t
+        return dataclasses.replace(sample, x_t=x_t)
+
+    def _first_pass(self, net: nn.Module, x, t, images, d) -> torch.Tensor:
+        """Class probabilities ``(B, K, H, W)`` of the network's endpoint at ``(x, t)``, read
+        with no estimate, without gradient and with dropout (if any) off: what a sampler's
+        step would predict there, as an input and never a path for the gradient."""
+        with torch.no_grad(), _evaluating(net):
+            return torch.softmax(net(x, t, images, **self._jump_input(d)).float(), dim=1)
+
+    def _jump_input(self, d: torch.Tensor) -> dict:
+        """The network's jump-size argument for rows of jump sizes ``d`` (none here)."""
+        return {}
+
+    def _estimate(self, batch: TrainBatch, sample: PathSample, d, images) -> torch.Tensor:
+        """Self-conditioning input ``(B, K, H, W)`` (Chen et al. 2022): on a random half of
+        the rows (drawn for the whole batch) the network's own estimate at the same
+        ``(x_t, t)`` from a first pass (:meth:`_first_pass`), zeros on the others, so the
+        network learns both to use an estimate and to do without one (the first step)."""
+        n = batch.masks.shape[0]
+        use = (torch.rand(n, generator=batch.gen) < SELF_CONDITION_RATE)[batch.rows]
+        use = use.to(sample.x_t.device)
+        est = torch.zeros(sample.x_t.shape, device=sample.x_t.device)
+        if bool(use.any()):
+            est[use] = self._first_pass(
+                batch.net, sample.x_t[use], sample.t[use], images[use], d[use]
+            )
+        return est
+
+    def _predict(self, batch: TrainBatch, sample: PathSample, d, images):
+        """The trained pass: logits of this rank's rows, and the self-conditioning estimate
+        they read (None without self-conditioning)."""
+        extra = self._jump_input(d)
+        est = self._estimate(batch, sample, d, images) if self.cfg.self_condition else None
+        if est is not None:
+            extra["estimate"] = est
+        return batch.model(sample.x_t, sample.t, images, **extra), est
 
     def _times(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training times ``(B,)`` by the configured schedule, and jump sizes (all 0)."""
@@ -241,9 +309,10 @@ class MedFlowSeg(Method):
         return t, torch.zeros(batch)
 
     def loss(self, batch: TrainBatch) -> LossTerms:
-        sample, x1, _ = self._path_sample(batch)
+        sample, x1, d = self._path_sample(batch)
         images, masks = batch.images[batch.rows], batch.masks[batch.rows]
-        return self.loss_fn(batch.model(sample.x_t, sample.t, images), sample, x1, masks)
+        logits, _ = self._predict(batch, sample, d, images)
+        return self.loss_fn(logits, sample, x1, masks)
 
     def field(self, net: nn.Module, step: float | None = None) -> FlowField:
         """The velocity field of a network trained by this method."""
@@ -260,6 +329,7 @@ class MedFlowSeg(Method):
             per_sample=per_sample,
             shortcut_max_steps=self.cfg.shortcut_max_steps,
             noise=noise,
+            refine_start=o.refine_start,
         )
 
     def export_module(self, net):
@@ -273,8 +343,11 @@ class ShortcutMedFlowSeg(MedFlowSeg):
     of the instantaneous field); the uncertainty path's samples are shortcut jumps."""
 
     name = "medflowseg-shortcut"
-    samplers = ("euler", "heun", SHORTCUT)
+    samplers = ("euler", "heun", REFINE, SHORTCUT)
     posterior = True
+
+    def _jump_input(self, d):
+        return {"step": d}
 
     def _jump_rows(self, batch: int) -> int:
         """Rows of a global batch of ``batch`` trained on shortcut jumps (the last ones)."""
@@ -294,17 +367,20 @@ class ShortcutMedFlowSeg(MedFlowSeg):
     def loss(self, batch: TrainBatch) -> LossTerms:
         sample, x1, d = self._path_sample(batch)
         images, masks = batch.images[batch.rows], batch.masks[batch.rows]
-        logits = batch.model(sample.x_t, sample.t, images, step=d)
-        return self._with_shortcut(logits, sample, x1, masks, images, d, batch.net)
+        logits, est = self._predict(batch, sample, d, images)
+        return self._with_shortcut(logits, sample, x1, masks, images, d, batch.net, est)
 
-    def _with_shortcut(self, logits, sample: PathSample, x1, masks, images, d, net) -> LossTerms:
+    def _with_shortcut(
+        self, logits, sample: PathSample, x1, masks, images, d, net, est=None
+    ) -> LossTerms:
         """Flow matching + segmentation loss on the rows at jump 0, shortcut
         self-consistency on the others. Each term is its loss over this rank's rows of that
         kind, weighted by this rank's share of them (rows of the kind here / rows here,
         over the kind's share of the global batch), so the mean of the ranks' losses under
         DDP is the one-process loss for every per-row mean (squared errors, cross-entropy;
         the batch-pooled soft Dice stays per rank, docs/DISTRIBUTED.md). In one process the
-        weights are 1: each term is the plain mean over its rows."""
+        weights are 1: each term is the plain mean over its rows. ``est``: the
+        self-conditioning estimate the rows read (None: none), where a jump's target starts."""
         cfg = self.cfg
         flat, jump = d == 0, d > 0
         n_jump = self._jump_rows(cfg.batch_size)
@@ -325,27 +401,26 @@ class ShortcutMedFlowSeg(MedFlowSeg):
             )
         if bool(jump.any()):
             x_t, t = sample.x_t[jump], sample.t[jump]
-            target = self._jump_target(net, x_t, t, d[jump], images[jump])
+            start = None if est is None else est[jump]
+            target = self._jump_target(net, x_t, t, d[jump], images[jump], start)
             sc = shortcut_loss(logits[jump], x_t, t, target)
             sc = sc * (int(jump.sum()) / d.shape[0]) / glob["jump"]
         return LossTerms(flat_total + sc, flow, seg, sc)
 
-    def _jump_target(self, net, x_t, t, d, images) -> torch.Tensor:
+    def _jump_target(self, net, x_t, t, d, images, estimate=None) -> torch.Tensor:
         """Self-consistency target of jumps ``d`` from ``x_t`` by the current network, with
-        dropout (if any) off: a target is the network's estimate, not a random draw."""
+        dropout (if any) off: a target is the network's estimate, not a random draw. A
+        self-conditioned network's first half-jump reads ``estimate`` (what the trained
+        pass read) and its second the first's estimate, as two sampler steps would."""
         field = self.field(net)
-        was_training = net.training
-        net.eval()
-        try:
-            cond = field.condition(images)
+        with _evaluating(net):
+            cond = field.condition(images).trajectory(estimate)
             return consistency_target(
                 lambda x, tt, dd: field.jump(x, tt, dd, cond),
                 x_t,
                 ShortcutDraw(t=t, d=d),
                 self.cfg.shortcut_max_steps,
             )
-        finally:
-            net.train(was_training)
 
     def resolve(self, options):
         o = super().resolve(options)
@@ -462,6 +537,17 @@ def _draws(o: SamplingOptions) -> dict:
         "seed": o.seed,
         "batch_size": o.batch_size,
     }
+
+
+@contextlib.contextmanager
+def _evaluating(net: nn.Module) -> Iterator[None]:
+    """``net`` in eval mode inside the block, its mode restored after."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
 
 
 def _flow_loss(cfg: TrainConfig) -> MedFlowSegLoss:

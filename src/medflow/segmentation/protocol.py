@@ -147,7 +147,23 @@ def _finished(run: Path, key: dict) -> list[dict] | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return record["rows"] if record.get("key") == key else None
+    stored = record.get("key")
+    return record["rows"] if stored is not None and _current(stored) == key else None
+
+
+def _current(key: dict) -> dict:
+    """A stored key as today's code writes it: a config or sampling options written before a
+    field existed read with the value that reproduces them (``TrainConfig.from_dict``, the
+    options' defaults), so a new field with an old-behaviour default does not force a
+    retrain."""
+    try:
+        config = TrainConfig.from_dict(key["config"]).to_dict()
+        settings = [
+            [label, dataclasses.asdict(SamplingOptions(**o))] for label, o in key["settings"]
+        ]
+    except (KeyError, TypeError, ValueError):
+        return key
+    return json.loads(json.dumps({**key, "config": config, "settings": settings}))
 
 
 def _train_row(arm: Arm, seed: int, result: TrainResult, out: Path) -> dict:
