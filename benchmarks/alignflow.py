@@ -8,7 +8,9 @@ By default it builds the embedded source (``mni152-tissue``) and the simulated t
 
 ``--set section.field=value`` changes a field of the segmenter (``segmenter.steps=300``),
 stage 1 (``synth.steps=1200``) or stage 2 (``align.reg_weight=1``); ``--synth-model`` reuses
-a stage-1 checkpoint instead of training one.
+a stage-1 checkpoint instead of training one. ``--baselines`` picks the control and baseline
+arms (default: all; ``--baselines`` alone: none); each trains one segmenter per seed, the
+histogram-matching baseline one per K.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def parse_set(items: list[str]) -> dict[str, dict]:
 
 def main() -> None:
     from medflow.data.builtin import build
-    from medflow.synthesis.harness import HarnessConfig, run_alignflow
+    from medflow.synthesis.harness import BASELINES, HarnessConfig, run_alignflow
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -47,6 +49,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-synthetic", type=int, default=96)
     ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=BASELINES,
+        default=list(BASELINES),
+        help="control and baseline arms to run (default: all)",
+    )
+    ap.add_argument("--augment-copies", type=int, default=1, help="augmented copies per case")
     ap.add_argument("--synth-model", type=Path, help="reuse this stage-1 synth.pt")
     ap.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
     ap.add_argument("--results", type=Path, help="copy results.json here")
@@ -74,6 +84,8 @@ def main() -> None:
         seeds=tuple(args.seeds),
         n_synthetic=args.n_synthetic,
         oracle=not args.no_oracle,
+        baselines=tuple(args.baselines),
+        augment_copies=args.augment_copies,
         segmenter={**defaults.segmenter, **sections["segmenter"]},
         synth=sections["synth"],
         align=sections["align"],

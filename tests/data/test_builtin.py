@@ -102,8 +102,11 @@ def test_shifted_mni152_references_come_from_training_slabs(shifted):
     refs = meta["medflow"]["references"]
     assert [r["file"] for r in refs] == [f"references/ref_{i:02d}_0000.nii.gz" for i in range(10)]
     assert sorted(p.name for p in (out / "references").iterdir()) == [
-        f"ref_{i:02d}_0000.nii.gz" for i in range(10)
+        *(f"ref_{i:02d}_0000.nii.gz" for i in range(10)),
+        builtin.REFERENCE_SLICES,
     ]
+    chosen = json.loads((out / "references" / builtin.REFERENCE_SLICES).read_text())
+    assert chosen["slice_axis"] == 2
     train = {c["case"]: c["slices"] for c in meta["medflow"]["split"]["train"]}
     test = [c["slices"] for c in meta["medflow"]["split"]["test"]]
     for ref in refs:
@@ -112,10 +115,10 @@ def test_shifted_mni152_references_come_from_training_slabs(shifted):
         assert not any(t0 <= ref["slice"] < t1 for t0, t1 in test)
         image, affine = _nifti(out / ref["file"])
         slab, slab_affine = _nifti(out / "imagesTr" / f"{ref['case']}_0000.nii.gz")
-        assert image.shape == (197, 233, 1)
-        # the reference is that slice of the shifted training slab, in its place in the template
-        assert np.array_equal(image[:, :, 0], slab[:, :, ref["slice"] - z0])
-        assert np.allclose(affine[:3, 3], slab_affine[:3, 3] + [0, 0, ref["slice"] - z0])
+        # the reference is the shifted training slab in its place in the template, with the
+        # reference slice named, so it is cropped and normalised as a target scan would be
+        assert np.array_equal(image, slab) and np.allclose(affine, slab_affine)
+        assert chosen["slices"][ref["file"].split("/")[-1]] == [ref["slice"] - z0]
     # the first five references lie in five different slabs
     assert len({r["slab"] for r in refs[:5]}) == 5
 

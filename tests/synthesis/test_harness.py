@@ -6,8 +6,9 @@ import shutil
 import pytest
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
+from medflow.data.layout import load_dataset
 from medflow.errors import OutputExistsError
-from medflow.synthesis.harness import ORACLE, HarnessConfig, run_alignflow
+from medflow.synthesis.harness import ORACLE, HarnessConfig, conditions, run_alignflow
 
 TINY = HarnessConfig(
     ks=(1, 2),
@@ -21,7 +22,7 @@ TINY = HarnessConfig(
         "batch_size": 4,
         "steps": 3,
         "warmup_steps": 1,
-        "sample_steps": 2,
+        "sample_steps": 3,
         "threads": 1,
     },  # fmt: skip
     align={"steps": 1, "batch_size": 2, "sampler_steps": 2, "threads": 1},
@@ -45,10 +46,23 @@ def harness(tmp_path_factory):
     )
 
 
+NAMES = [
+    "source",
+    "source+unaligned",
+    "source+unaligned, 2 steps",
+    "source+stage-1 on real masks",
+    "source+augmented",
+    "source hist-matched K=1",
+    "source hist-matched K=2",
+    "source+aligned K=1",
+    "source+aligned K=2",
+    ORACLE,
+]
+
+
 def test_every_condition_is_trained_scored_and_graded(harness):
     source, target, out, record = harness
-    names = ["source", "source+unaligned", "source+aligned K=1", "source+aligned K=2", ORACLE]
-    assert [r["condition"] for r in record["rows"]] == names
+    assert [r["condition"] for r in record["rows"]] == NAMES
     for r in record["rows"]:
         summary = json.loads((out / r["run"] / "eval_default" / "summary.json").read_text())
         assert r["foreground"] == summary["foreground_mean"]  # scored on the target's test set
@@ -57,12 +71,59 @@ def test_every_condition_is_trained_scored_and_graded(harness):
     assert by["source"]["dice_gain"] == 0.0
     gain = by["source+unaligned"]["dice"] - by["source"]["dice"]
     assert by["source+unaligned"]["dice_gain"] == pytest.approx(gain)
-    sets = ["unaligned", "aligned K=1", "aligned K=2"]
+    assert by["source+unaligned"]["dice_gain_ci"] is None  # one replicate: no interval
+    sets = [
+        "unaligned",
+        "unaligned, 2 steps",
+        "stage-1 on real masks",
+        "aligned K=1",
+        "aligned K=2",
+    ]
     assert list(record["faithfulness_dice"]) == sets
     assert set(record["faithfulness_dice"]["unaligned"]) == {"source_segmenter", "oracle_segmenter"}
     assert list(record["distances_to_target_test"]) == ["source real", *sets]
     assert list(record["mask_statistics"]) == ["source real", *sets]
-    assert set(record["alignment"]) == {"1", "2"}
+    assert set(record["alignment"]) == {"1", "2"} and set(record["alignment"]["1"]) == {"0"}
+    compared = {(c["condition"], c["versus"]) for c in record["contrasts"]}
+    assert ("source+aligned K=2", "source+unaligned, 2 steps") in compared
+    assert ("source+aligned K=1", "source hist-matched K=1") in compared
+    assert "source+aligned K=2 − source+unaligned, 2 steps" in (out / "results.md").read_text()
+
+
+def test_the_controls_differ_from_the_unaligned_set_as_intended(harness):
+    source, target, out, record = harness
+    meta = {
+        name: json.loads((out / "datasets" / name / "dataset.json").read_text())
+        for name in ("unaligned_seed0", "unaligned_2steps_seed0", "real_masks_seed0")
+    }
+    # the equal-steps control: the stage-1 model with the aligned model's sampler steps
+    assert meta["unaligned_seed0"]["medflow"]["steps"] == TINY.synth["sample_steps"] == 3
+    assert meta["unaligned_2steps_seed0"]["medflow"]["steps"] == TINY.align["sampler_steps"]
+    assert not meta["unaligned_2steps_seed0"]["medflow"]["aligned"]
+    # the real-mask control: images for source masks, not mask-flow samples
+    assert meta["real_masks_seed0"]["medflow"]["masks"] == "given"
+    # the baselines hold the source's cases (augmented: and a copy of each)
+    n_source = load_dataset(source).training
+    assert len(load_dataset(out / "datasets" / "augmented_seed0").training) == 2 * len(n_source)
+    assert len(load_dataset(out / "datasets" / "histmatch_k1").training) == len(n_source)
+
+
+def test_baselines_are_selectable():
+    cfg = HarnessConfig(ks=(1, 5), baselines=("histogram",), oracle=False)
+    names = [c.name for c in conditions(cfg, stage1_steps=20)]
+    assert names == [
+        "source",
+        "source+unaligned",
+        "source hist-matched K=1",
+        "source hist-matched K=5",
+        "source+aligned K=1",
+        "source+aligned K=5",
+    ]
+    # when stage 1 already samples with the aligned steps the control would be a duplicate
+    steps = [c.name for c in conditions(HarnessConfig(align={"sampler_steps": 20}), 20)]
+    assert "source+unaligned, 20 steps" not in steps
+    with pytest.raises(ValueError, match="unknown baselines"):
+        HarnessConfig(baselines=("mixup",))
 
 
 def test_a_finished_harness_is_not_overwritten_and_reuse_reads_it_back(harness):

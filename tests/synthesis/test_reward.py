@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medflow.metrics.distribution import mmd2
 from medflow.synthesis.reward import FeatureEncoder, MMDReward, feature_scale
 
 SMALL = (8, 16, 32)  # encoder widths for the tests that run many steps
@@ -177,3 +178,49 @@ def test_reward_sees_every_site_shift():
     need = {"gamma": 2.0, "noise": 2.0, "blur": 2.0, "bias": 1.25}
     ratios = {k: reward(v).item() / base for k, v in shifted.items()}
     assert all(ratios[k] > need[k] for k in need), ratios
+
+
+def shrink(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The head scaled about the frame centre by ``factor`` (a peripheral slice: a small head)."""
+    theta = torch.tensor([[1 / factor, 0.0, 0.0], [0.0, 1 / factor, 0.0]]).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+def _initial_pull(reward, images, mask) -> float:
+    x = images.clone().requires_grad_(True)
+    reward(x, mask).backward()
+    return x.grad.norm().item()
+
+
+def test_reward_strength_does_not_fall_with_k():
+    # references as the first K of a set ordered like the shifted site's: the middle slice
+    # first, then ever smaller and larger heads from all over the brain; a contrast change
+    enc = FeatureEncoder(1, SMALL)
+    factors = [1.0, 0.45, 0.95, 0.5, 0.9, 0.55, 0.85, 0.6, 0.8, 0.65]
+    heads = phantoms(10, 32, seed=2)
+    raw_refs = torch.cat([shrink(heads[i : i + 1], f) for i, f in enumerate(factors)]) ** 0.5
+    raw_gen = phantoms(8, 32, seed=1)
+    refs, ref_fg, gen, gen_fg = zscore(raw_refs), raw_refs > 0.05, zscore(raw_gen), raw_gen > 0.05
+    ks = (1, 2, 5, 10)
+    pulls = [
+        _initial_pull(
+            MMDReward(enc, refs[:k], ref_mask=ref_fg[:k], scale_from=gen, scale_mask=gen_fg),
+            gen,
+            gen_fg,
+        )
+        for k in ks
+    ]
+    # the gradient on the generated images is what the regulariser is weighed against
+    assert max(pulls) < 1.2 * min(pulls), pulls
+
+    # the yardstick it replaces, scale and kernel widths from the references pooled with the
+    # generated images, pushes K = 10 clearly less hard than K = 1 on the same data
+    def pooled(k):
+        with torch.no_grad():
+            ref, own = enc(refs[:k], ref_fg[:k]), enc(gen, gen_fg)
+            scale = feature_scale(torch.cat([ref, own]), enc.groups)
+        return lambda x, m: mmd2(enc(x, m) / scale, ref / scale)
+
+    old = [_initial_pull(pooled(k), gen, gen_fg) for k in ks]
+    assert old[0] > 1.3 * old[-1], old

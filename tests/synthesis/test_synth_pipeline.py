@@ -74,7 +74,8 @@ def test_stage1_checkpoint_round_trip(stage1, source):
 def test_alignment_moves_generated_images_towards_the_references(stage1, source, tmp_path):
     refs = _references(tmp_path / "refs", source)
     model = SynthModel.load(stage1)
-    ref_slices, files = read_references(refs, model, k=3)
+    refs_read = read_references(refs, model.prep, k=3)
+    ref_slices, files = refs_read.images, refs_read.files
     assert ref_slices.shape == (3, 1, 16, 16) and len(files) == 3
     cfg = AlignConfig(k=3, steps=60, batch_size=8, sampler_steps=4, lr=2e-3, threads=1)
     aligned = align(stage1, refs, tmp_path / "al", cfg, quiet=True)

@@ -12,7 +12,8 @@
 * ``mni152-tissue-shifted``: the same slabs, labels and split, every slab's image passed
   through a simulated acquisition shift (:mod:`medflow.data.shift`, site ``"site-b"``, one
   seed per slab) as a target site for domain alignment; ``references/`` holds unlabelled
-  single-slice images of training slabs, ordered so that the first K spread over the brain.
+  target-site slices of training slabs, ordered so that the first K spread over the brain,
+  each stored as its whole slab with the slice named in ``references/slices.json``.
 * ``mni152-raters``: ``mni152-tissue``'s slabs and split with several annotations per case
   from SIMULATED raters (:mod:`medflow.data.raters`) whose per-voxel label law is exactly
   the renormalised tissue probabilities ``(bg, p_gm, p_wm)``; each rater is drawn once on
@@ -42,6 +43,11 @@ import numpy as np
 from medflow.data.io import atomic_write, build_folder
 from medflow.data.lesions import LesionConfig, SimulatedCase, brain_depth, simulate_case
 from medflow.errors import MedflowError, OutputExistsError
+
+# in a references folder: which slices of each (volume) file are the reference images,
+# ``{"slice_axis": a, "slices": {file name: [index along a, ...]}}``; read by
+# ``medflow.synthesis.align.read_references``
+REFERENCE_SLICES = "slices.json"
 
 
 @dataclass(frozen=True)
@@ -341,6 +347,28 @@ def reference_order(slices: list[tuple[int, int]], n: int) -> list[tuple[int, in
     return picks
 
 
+def _write_references(
+    folder: Path, slabs: list[_Slab], images: list[np.ndarray], picks: list[tuple[int, int]]
+) -> list[dict]:
+    """Write reference ``i`` (slab ``k``, template slice ``z`` of ``picks[i]``) as the whole
+    slab ``images[k]`` in ``folder/ref_{i:02d}_0000.nii.gz`` and name its slice in
+    ``folder/slices.json`` (:data:`REFERENCE_SLICES`): a reader that prepares the file as
+    the segmenter prepares a scan (crop to the slab's nonzero box, z-score over the slab)
+    and then keeps that slice sees the reference exactly as it would appear in a target
+    scan. A lone slice file would be cropped and normalised on its own instead, blowing a
+    peripheral slice up to the full frame. Returns the references' records."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records, chosen = [], {}
+    for i, (k, z) in enumerate(picks):
+        slab = slabs[k]
+        name = f"ref_{i:02d}_0000.nii.gz"
+        _save_nifti(folder / name, images[k].astype(np.float32), slab.affine)
+        chosen[name] = [z - slab.z0]
+        records.append({"file": f"references/{name}", "case": slab.case, "slab": k, "slice": z})
+    _write_json(folder / REFERENCE_SLICES, {"slice_axis": 2, "slices": chosen})
+    return records
+
+
 def build_mni152_tissue_shifted(
     out: Path,
     site: str = "site-b",
@@ -353,7 +381,8 @@ def build_mni152_tissue_shifted(
     """Write ``mni152-tissue-shifted`` to ``out``: ``mni152-tissue``'s slabs, labels and
     split, each slab's image through the simulated acquisition shift ``SITES[site]`` (seeded
     by the slab's index, so every slab is a different "scan"), plus ``n_references``
-    unlabelled single-slice images of training slabs in ``references/``; returns its
+    unlabelled target-site slices of training slabs in ``references/`` (each as its slab,
+    the slice named in ``slices.json``: :func:`_write_references`); returns its
     ``dataset.json``."""
     from medflow.data.shift import SITES, apply_shift
 
@@ -368,14 +397,8 @@ def build_mni152_tissue_shifted(
     train_slices = [
         (k, z) for k, s in enumerate(slabs) if s.split == "train" for z in range(s.z0, s.z1)
     ]
-    (out / "references").mkdir(parents=True, exist_ok=True)
-    references = []
-    for i, (k, z) in enumerate(reference_order(train_slices, n_references)):
-        slab = slabs[k]
-        name = f"references/ref_{i:02d}_0000.nii.gz"
-        section = shifted[k][:, :, z - slab.z0 : z - slab.z0 + 1]
-        _save_nifti(out / name, section, _z_affine(slab.affine, z - slab.z0))
-        references.append({"file": name, "case": slab.case, "slab": k, "slice": z})
+    picks = reference_order(train_slices, n_references)
+    references = _write_references(out / "references", slabs, shifted, picks)
 
     meta = _dataset_json(
         "T1",

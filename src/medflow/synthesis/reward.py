@@ -13,7 +13,12 @@ What the features are meant to see, per site difference:
 * noise: the spread of the full-resolution filter responses (more high-frequency energy);
 * lower resolution (blur): the same responses, the other way (less high-frequency energy);
 * bias field: a broadened histogram and the coarse levels' spatial spread. This is the
-  weakest of the four: with few references it shows only once the field is strong.
+  weakest of the four: with few references it shows only once the field is strong, and
+  the spatially pooled statistics have no feature made for a smooth gain.
+
+``synth align`` computes the features on the images as the segmenter will see them
+(:mod:`medflow.synthesis.view`) and over the tissue only (a foreground mask), so the
+statistics describe the head rather than the fraction of the frame the background fills.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medflow.metrics.distribution import mmd2
+from medflow.metrics.distribution import MEDIAN_MULTIPLES, median_distance, mmd2
 
 # added to variances before a square root: the gradient of sqrt at 0 is infinite, and a flat
 # image (or a filter that never fires on one) has zero spatial variance
@@ -37,8 +42,23 @@ _VAR_EPS = 1e-6
 _FLOOR = 0.1
 
 
-def _std(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return (x.var(dim, unbiased=False) + _VAR_EPS).sqrt()
+def _weighted_stats(flat: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (population, ``_VAR_EPS`` added to the variance) of ``flat`` ``(B, C, N)``
+    over its last axis with weights ``w`` ``(B, 1, N)``; equal weights give the plain ones."""
+    mean = (flat * w).sum(2) / w.sum(2)
+    var = ((flat - mean[..., None]) ** 2 * w).sum(2) / w.sum(2)
+    return mean, (var + _VAR_EPS).sqrt()
+
+
+def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Pixel weights ``(B, 1, H*W)`` at the resolution of ``like`` ``(B, C, H, W)``: the
+    foreground ``mask`` ``(B, 1, H0, W0)`` area-averaged to ``H x W``, or all ones. An image
+    without foreground counts all its pixels rather than none."""
+    if mask is None:
+        return torch.ones_like(like[:, :1]).flatten(2)
+    w = F.adaptive_avg_pool2d(mask.to(like.dtype), like.shape[-2:]).flatten(2)
+    empty = w.sum(2, keepdim=True) <= 0
+    return torch.where(empty, torch.ones_like(w), w)
 
 
 class FeatureEncoder(nn.Module):
@@ -59,6 +79,11 @@ class FeatureEncoder(nn.Module):
     * per conv level ``w``, the spatial mean and std of each channel's activation
       (``2 w``; the style statistics of Gatys/Huang and Belongie's AdaIN).
 
+    With a foreground ``mask``, every statistic (moments, histogram, each level's spatial
+    mean and std) is taken over the foreground pixels only (the mask area-averaged to each
+    level's resolution), so the features describe the tissue and not how much of the frame
+    the background fills; the convolutions still see the whole image, edges included.
+
     The encoder expects z-scored images (``value_range`` and the He scaling assume intensities
     of order 1), accepts any ``H, W >= 1``, is differentiable w.r.t. its input, and stays in
     eval mode and frozen whatever a parent module does.
@@ -70,7 +95,7 @@ class FeatureEncoder(nn.Module):
         bins: soft-histogram bins per channel.
         value_range: centres of the first and the last bin.
 
-    Shapes: ``(B, C, H, W)`` -> ``(B, feature_dim)``.
+    Shapes: ``(B, C, H, W)`` and an optional ``(B, 1, H, W)`` mask -> ``(B, feature_dim)``.
     """
 
     def __init__(
@@ -128,30 +153,36 @@ class FeatureEncoder(nn.Module):
         """Length ``D`` of a feature vector."""
         return sum(self.groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
             )
-        return torch.cat([*self._intensity(x), *self._style(x)], dim=1)
+        if mask is not None and mask.shape != (x.shape[0], 1, *x.shape[2:]):
+            raise ValueError(
+                f"mask must be (B, 1, H, W) = {(x.shape[0], 1, *x.shape[2:])}, "
+                f"got {tuple(mask.shape)}"
+            )
+        return torch.cat([*self._intensity(x, mask), *self._style(x, mask)], dim=1)
 
-    def _intensity(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _intensity(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         b = x.shape[0]
-        flat = x.flatten(2)
-        mean, std = flat.mean(2), _std(flat, 2)
+        flat, w = x.flatten(2), _weights(mask, x)
+        mean, std = _weighted_stats(flat, w)
         z = (flat - mean[..., None]) / std[..., None]
-        moments = torch.stack([mean, std, z.pow(3).mean(2), z.pow(4).mean(2) - 3.0], dim=2)
+        n = w.sum(2)
+        skew, kurt = (z.pow(3) * w).sum(2) / n, (z.pow(4) * w).sum(2) / n - 3.0
+        moments = torch.stack([mean, std, skew, kurt], dim=2)
         logits = -((flat[..., None] - self.centres) ** 2) / (2.0 * self.bin_sigma**2)
-        hist = logits.softmax(-1).mean(2)
+        hist = (logits.softmax(-1) * w[..., None]).sum(2) / n[..., None]
         return [moments.reshape(b, -1), hist.reshape(b, -1)]
 
-    def _style(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _style(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         feats = []
         h = x
         for conv in self.convs:
             h = F.relu(conv(h))
-            flat = h.flatten(2)
-            feats += [flat.mean(2), _std(flat, 2)]
+            feats += list(_weighted_stats(h.flatten(2), _weights(mask, h)))
         return feats
 
 
@@ -195,22 +226,40 @@ def feature_scale(features: torch.Tensor, groups: Sequence[int]) -> torch.Tensor
 class MMDReward(nn.Module):
     """Squared MMD between encoder features of images and of fixed reference images; a loss.
 
-    Features are divided by :func:`feature_scale`, measured once at construction on the
-    reference features pooled with those of ``scale_from`` (e.g. a batch of source-site or
-    initial generator images). Fixing the scale then keeps the loss a function of the
-    generated images alone, so it cannot fall by a rescaling of the feature space, and
-    pooling both sites measures the spread that matters: within and between the sites. The
-    kernel widths follow :func:`medflow.metrics.distribution.mmd2` (``None``: median
-    heuristic on the standardised features, per call, without gradient).
+    The yardstick is fixed once, at construction, on a calibration pool: the features of
+    ``scale_from`` (the stage-1 generator's images in ``synth align``) together with the same
+    features translated so that their mean is the references' mean. The pool has the
+    generator's spread and the gap between the sites, but not the references' own spread:
+
+    * features are divided by :func:`feature_scale` of the pool;
+    * the kernel widths are :data:`~medflow.metrics.distribution.MEDIAN_MULTIPLES` times the
+      median pairwise distance of the standardised pool (unless ``bandwidths`` are given).
+
+    Why (per-K calibration): when the scale and the widths were measured on the references
+    themselves pooled with the generator's images, more (and more diverse: slices from all
+    over the brain) references widened both, so the same generator was pushed less hard the
+    larger K. K enters the pool now only through the references' mean, and the initial
+    gradient of the reward is about the same for K = 1 and K = 10 (the calibration test in
+    ``tests/synthesis/test_reward.py``). The gap is kept in the pool so that a generator far
+    from the site still gets kernels wide enough to reach the references (a pool of the
+    generator alone saturates them). The loss *value* still differs between K at the start:
+    the V-statistic's reference self-term holds ``k(y, y) / K``, a constant without
+    gradient; compare values within one K, not across K. A fixed scale and fixed widths
+    keep the loss a function of the generated images alone, so it cannot fall by a
+    rescaling of the feature space.
 
     Args:
         encoder: the (frozen) feature encoder.
         references: ``(K, C, H, W)`` target-site images, ``K >= 1``.
-        bandwidths: kernel widths in standardised feature units, or ``None``.
-        scale_from: ``(N, C, H', W')`` images pooled with the references to measure the
-            feature scale; required when ``K = 1`` (one image has no spread).
+        ref_mask: ``(K, 1, H, W)`` foreground of the references (see
+            :class:`FeatureEncoder`), or None for every pixel.
+        scale_from: ``(N, C, H', W')`` calibration images, ``N >= 2``; None: the pool is the
+            references themselves (then ``K >= 2``: one image has no spread).
+        scale_mask: ``(N, 1, H', W')`` foreground of ``scale_from``, or None.
+        bandwidths: kernel widths in standardised feature units, or None (see above).
 
-    Call: ``reward(images (B, C, H, W)) -> scalar`` tensor, differentiable w.r.t. ``images``.
+    Call: ``reward(images (B, C, H, W), mask=None) -> scalar`` tensor, differentiable
+    w.r.t. ``images``; ``mask`` ``(B, 1, H, W)`` is their foreground.
     """
 
     def __init__(
@@ -219,6 +268,9 @@ class MMDReward(nn.Module):
         references: torch.Tensor,
         bandwidths: Sequence[float] | None = None,
         scale_from: torch.Tensor | None = None,
+        *,
+        ref_mask: torch.Tensor | None = None,
+        scale_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if references.ndim != 4 or len(references) == 0:
@@ -228,17 +280,24 @@ class MMDReward(nn.Module):
                 "one reference image has no feature spread: pass scale_from (e.g. source images)"
             )
         self.encoder = encoder
-        self.bandwidths = None if bandwidths is None else tuple(float(b) for b in bandwidths)
         with torch.no_grad():
-            ref = encoder(references)
-            pool = ref if scale_from is None else torch.cat([ref, encoder(scale_from)])
-            scale = feature_scale(pool, encoder.groups)
+            ref = encoder(references, ref_mask)
+            if scale_from is None:
+                calib = ref
+            else:
+                gen = encoder(scale_from, scale_mask)
+                calib = torch.cat([gen, gen - gen.mean(0) + ref.mean(0)])
+            scale = feature_scale(calib, encoder.groups)
+            if bandwidths is None:
+                median = float(median_distance(calib / scale)) or 1.0
+                bandwidths = [m * median for m in MEDIAN_MULTIPLES]
+        self.bandwidths = tuple(float(b) for b in bandwidths)
         self.register_buffer("scale", scale)
         self.register_buffer("ref_features", ref / scale)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised features ``(B, D)`` of ``images`` ``(B, C, H, W)``."""
-        return self.encoder(images) / self.scale
+        return self.encoder(images, mask) / self.scale
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return mmd2(self.features(images), self.ref_features, self.bandwidths)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return mmd2(self.features(images, mask), self.ref_features, self.bandwidths)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,8 @@ from medflow.engine.runtime import progress, resolve_device
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.preview import save_grid
+from medflow.synthesis.view import BACKGROUND_TOLERANCE
 
-BACKGROUND_TOLERANCE = 0.1  # normalised units: ~0.1 standard deviations of the foreground
 PREFIX = "synth"
 
 
@@ -115,14 +116,19 @@ def sample_dataset(
     batch_size: int = 16,
     per_case: int = 8,
     include_source: str | Path | None = None,
+    masks: torch.Tensor | None = None,
     device: str = "auto",
     force: bool = False,
     quiet: bool = False,
 ) -> dict:
     """Write ``n`` synthetic pairs (and, optionally, the source's training cases) to ``out``
-    as an nnU-Net raw dataset; returns its ``dataset.json``."""
+    as an nnU-Net raw dataset; returns its ``dataset.json``. With ``masks`` ``(n, H, W)``
+    (label maps at the model's size), the images are generated for those masks instead of
+    for mask-flow samples."""
     if n < 1 or batch_size < 1:
         raise MedflowError(f"--n and --batch-size must be >= 1, got {n} and {batch_size}")
+    if masks is not None and len(masks) != n:
+        raise MedflowError(f"{len(masks)} masks given for n={n} pairs")
     if steps is not None and steps < 1:
         raise MedflowError(f"--steps must be >= 1, got {steps}")
     out = Path(out)
@@ -134,18 +140,49 @@ def sample_dataset(
     return build_folder(
         out,
         lambda tmp: _write(
-            tmp, model, n, seed, steps, batch_size, per_case, include_source, checkpoint, quiet
+            tmp,
+            model,
+            _Draw(n, seed, steps, batch_size, masks),
+            per_case,
+            include_source,
+            checkpoint,
+            quiet,
         ),
     )
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """What to generate: ``n`` pairs from ``seed`` with ``steps`` image-flow steps in batches
+    of ``batch_size``, for mask-flow masks or for the given ``masks``."""
+
+    n: int
+    seed: int
+    steps: int
+    batch_size: int
+    masks: torch.Tensor | None = None
+
+
+def _generate(model: SynthModel, draw: _Draw, mask_steps: int, quiet: bool):
+    gen = torch.Generator().manual_seed(draw.seed)
+    images, masks = [], []
+    bar = progress(total=draw.n, quiet=quiet, desc="synth sample", unit="pair")
+    for start in range(0, draw.n, draw.batch_size):
+        b = min(draw.batch_size, draw.n - start)
+        if draw.masks is None:
+            masks.append(model.mask_flow.sample(b, model.size, gen, mask_steps))
+        else:
+            masks.append(draw.masks[start : start + b].to(torch.uint8))
+        images.append(model.image_flow.sample(masks[-1], gen, draw.steps))
+        bar.update(b)
+    bar.close()
+    return torch.cat(images), torch.cat(masks)
 
 
 def _write(
     tmp: Path,
     model: SynthModel,
-    n: int,
-    seed: int,
-    steps: int,
-    batch_size: int,
+    draw: _Draw,
     per_case: int,
     include_source,
     checkpoint,
@@ -163,16 +200,8 @@ def _write(
     # alignment changes the image flow (and its steps) only: masks keep stage 1's sampler, so
     # aligned and unaligned sets of one seed share their masks
     mask_steps = int(model.config["sample_steps"])
-    gen = torch.Generator().manual_seed(seed)
-    images, masks = [], []
-    bar = progress(total=n, quiet=quiet, desc="synth sample", unit="pair")
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        masks.append(model.mask_flow.sample(b, model.size, gen, mask_steps))
-        images.append(model.image_flow.sample(masks[-1], gen, steps))
-        bar.update(b)
-    bar.close()
-    images, masks = torch.cat(images), torch.cat(masks)
+    images, masks = _generate(model, draw, mask_steps, quiet)
+    n = draw.n
     axis = model.prep.slice_axis
     groups = case_groups(n, model.prep.dims == 3, per_case)
     for g, index in enumerate(groups):
@@ -201,9 +230,10 @@ def _write(
             "checkpoint": str(Path(checkpoint).resolve()),
             "aligned": model.alignment is not None,
             "alignment": model.alignment,
-            "seed": seed,
-            "steps": steps,
-            "mask_steps": mask_steps,
+            "seed": draw.seed,
+            "steps": draw.steps,
+            "mask_steps": mask_steps if draw.masks is None else None,
+            "masks": "mask flow" if draw.masks is None else "given",
         },
     }
     atomic_write(tmp / "dataset.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))

@@ -1,0 +1,60 @@
+"""Paired gains and their t intervals, checked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from medflow.synthesis.tables import markdown, paired_difference, paired_interval, summarise
+
+
+def _rows(condition: str, dice: list[float], seeds=(0, 1, 2)) -> list[dict]:
+    return [
+        {"condition": condition, "seed": s, "foreground": {"dice": d, "iou": d / 2}}
+        for s, d in zip(seeds, dice)
+    ]
+
+
+def test_interval_by_hand():
+    # differences 1, 2, 3: mean 2, s = 1, t(0.975, 2) = 4.302653
+    low, high = paired_interval([1.0, 2.0, 3.0])
+    half = 4.302653 / math.sqrt(3)
+    assert low == pytest.approx(2 - half, rel=1e-6) and high == pytest.approx(2 + half, rel=1e-6)
+    assert paired_interval([5.0]) is None
+
+
+def test_gains_are_paired_by_seed():
+    # the seeds differ a lot, the condition adds exactly 1 point on every seed: the paired
+    # interval is a point, the unpaired spreads are wide
+    rows = _rows("source", [0.50, 0.60, 0.70]) + _rows("aligned", [0.51, 0.61, 0.71])
+    by = {e["condition"]: e for e in summarise(rows)}
+    assert by["aligned"]["dice"] == pytest.approx(61.0) and by["aligned"]["dice_std"] > 9
+    assert by["aligned"]["dice_gain"] == pytest.approx(1.0)
+    assert by["aligned"]["dice_gain_ci"] == pytest.approx([1.0, 1.0], abs=1e-9)
+    assert by["aligned"]["iou_gain"] == pytest.approx(0.5)
+    assert by["source"]["dice_gain"] == 0.0
+
+
+def test_only_common_seeds_are_paired():
+    rows = _rows("a", [0.5, 0.6, 0.7]) + _rows("b", [0.4, 0.2], seeds=(0, 2))
+    d = paired_difference(rows, "a", "b")
+    assert d["seeds"] == 2 and d["dice"] == pytest.approx((10.0 + 50.0) / 2)
+
+
+def test_markdown_shows_intervals_and_contrasts():
+    rows = _rows("source", [0.50, 0.60, 0.70]) + _rows("aligned", [0.52, 0.61, 0.73])
+    record = {
+        "summary": summarise(rows),
+        "contrasts": [paired_difference(rows, "aligned", "source")],
+        "distances_to_target_test": {"source real": {"mmd2": 0.5, "frechet": 2.0}},
+        "faithfulness_dice": {},
+        "mask_statistics": {
+            "source real": {"1": {"area_mean": 0.3, "area_std": 0.1, "pairwise_dice": 0.4}}
+        },
+        "faithfulness_reference": {"source_segmenter_on_target_test": 0.6},
+    }
+    text = markdown(record)
+    ci = summarise(rows)[1]["dice_gain_ci"]
+    assert f"+2.0 [{ci[0]:+.1f}, {ci[1]:+.1f}]" in text
+    assert "| aligned − source |" in text
