@@ -15,7 +15,6 @@ thread each; ``--reuse`` reads finished runs back.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ def main() -> int:
 
     from medflow.data.builtin import build
     from medflow.engine.checkpoint import load_checkpoint
-    from medflow.segmentation.protocol import Arm, results_record, run_protocol
+    from medflow.segmentation.protocol import Arm, results_record, run_protocol, write_results
 
     data = args.work / "data" / "mni152-lesions"
     if not (data / "dataset.json").is_file():
@@ -62,15 +61,30 @@ def main() -> int:
         cfg = load_checkpoint(args.work / r["checkpoint"])["config"]
         r["batch"], r["patch"] = cfg["batch_size"], cfg["patch"]
         r["lesions"] = lesion_scores(args.work / r["run"] / "pred_default", data / "labelsTs")
-        print(
-            f"{r['arm']} seed {r['seed']}: {r['train_steps']} steps (batch {r['batch']}), "
-            f"Dice {r['foreground']['dice']:.4f}, lesion F1 {r['lesions']['f1']:.3f} "
-            f"(tp {r['lesions']['tp']}, fn {r['lesions']['fn']}, fp {r['lesions']['fp']})"
-        )
+    text = table(rows)
+    print(text, end="")
     record = results_record(rows, {"command": " ".join(sys.argv), "budget": args.budget})
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(record, indent=2) + "\n")
+    write_results(args.results.parent, record, text, name=args.results.stem)
     return 0
+
+
+def table(rows: list[dict]) -> str:
+    """One line per run: steps, Dice over the test cases, lesion-wise detection."""
+    lines = [
+        "| arm | seed | steps | batch | patch | Dice | lesion F1 | precision | recall | "
+        "tp / fn / fp | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        les = r["lesions"]
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {r['train_steps']} | {r['batch']} | "
+            f"{'x'.join(map(str, r['patch']))} | {r['foreground']['dice']:.4f} | "
+            f"{les['f1']:.3f} | {les['precision']:.3f} | {les['recall']:.3f} | "
+            f"{les['tp']} / {les['fn']} / {les['fp']} | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
