@@ -305,3 +305,18 @@ def test_processes_flag_reports_a_rank_user_error_in_one_line(tmp_path, capsys):
     assert code == 2
     assert len(err) == 1 and "dataset.json" in err[0] and err[0].startswith("medflow train: error")
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_stop_together_on_a_plateau(launched):
+    """Rank 0 decides the plateau and the other rank takes its answer: both stop at the
+    same step and the run folder is complete (a rank left training would hang the run)."""
+    from medflow.cli import main
+
+    root, data, _ = launched
+    out = root / "plateau"
+    plateau = ["--lr-schedule", "constant", "--plateau-patience", "1", "--plateau-delta", "1"]
+    argv = ["train", "--data", str(data), "--out", str(out), *DICE_TRAIN, "--steps", "40",
+            "--val-every", "2", *plateau, "--processes", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert load_checkpoint(out / "checkpoint_final.pt")["config"]["steps"] == 4
+    assert [r["step"] for r in _rows(out)][-1] == "4"

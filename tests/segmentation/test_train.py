@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import time
 
@@ -259,3 +260,30 @@ def test_a_cpu_clock_budget_ignores_time_the_process_does_not_run(tiny_dataset, 
     assert wall > log[-1]["seconds"] + 0.8 * nap * result.steps
     with pytest.raises(ValueError, match="budget_clock must be wall or cpu"):
         TrainConfig(budget_clock="gpu")
+
+
+def test_a_plateau_stops_the_run_and_the_stored_config_retrains_it(tiny_dataset, tmp_path):
+    from medflow.engine.logs import read_log
+
+    # no rise can exceed 1.0: the second validation is the first without progress
+    fields = {**TINY, "steps": 100, "warmup_steps": 1, "val_every": 2}
+    cfg = TrainConfig(**fields, lr_schedule="constant", plateau_patience=1, plateau_delta=1.0)
+    result = train(tiny_dataset, tmp_path / "run", cfg, quiet=True)
+    assert result.steps == 4 and len(read_log(result.run_dir / "log.csv")) == 4
+    stored = TrainConfig.from_dict(load_checkpoint(result.final_checkpoint)["config"])
+    assert stored.steps == 4 and stored.plateau_patience == 1
+    info = json.loads((result.run_dir / "config.json").read_text())
+    assert info["config"]["steps"] == 4
+    # the learning rate stayed at its peak: stopping changed nothing already trained
+    assert all(r["lr"] == pytest.approx(cfg.lr) for r in read_log(result.run_dir / "log.csv"))
+    # patience 2 waits one validation more
+    longer = train(
+        tiny_dataset,
+        tmp_path / "run2",
+        dataclasses.replace(cfg, plateau_patience=2),
+        quiet=True,
+    )
+    assert longer.steps == 6
+    with pytest.raises(ValueError, match="plateau_patience needs lr_schedule constant"):
+        TrainConfig(plateau_patience=3)
+    assert lr_factor(50, 10, 100, "constant") == 1.0 < 2 * lr_factor(50, 10, 100)

@@ -11,6 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from medflow.engine.schedule import SCHEDULES
 from medflow.flows.diffusion import EPSILON
 from medflow.flows.losses import WEIGHTINGS
 from medflow.flows.parameterization import PARAMETERIZATIONS
@@ -110,6 +111,14 @@ class TrainConfig:
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up before cosine decay to zero.
+        lr_schedule: ``"cosine"`` (decay to zero at ``steps``) or ``"constant"`` (the peak
+            after the warm-up; what ``plateau_patience`` needs).
+        plateau_patience: stop when the validation Dice has not risen more than
+            ``plateau_delta`` above its best for this many validations in a row (0: off;
+            ``steps`` is then the cap). The stored ``steps`` is the step it stopped at, so
+            the stored config retrains the same run. Needs ``lr_schedule="constant"`` and
+            validation.
+        plateau_delta: the rise in validation Dice that counts as progress.
         grad_clip: clip the global gradient norm (0 disables).
         ema_decay: decay of the exponential moving average of weights.
         augment: random flips, small affine and intensity changes.
@@ -156,6 +165,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
+    lr_schedule: str = "cosine"
+    plateau_patience: int = 0
+    plateau_delta: float = 0.002
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     augment: bool = True
@@ -230,6 +242,17 @@ class TrainConfig:
             )
         )
         checks.append((self.epochs >= 0, "epochs must be >= 0"))
+        checks.append((self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"))
+        checks.append(
+            (
+                self.plateau_patience == 0
+                or (self.lr_schedule == "constant" and self.val_fraction > 0),
+                "plateau_patience needs lr_schedule constant and validation (val_fraction > 0)",
+            )
+        )
+        checks.append(
+            (self.plateau_patience >= 0 and self.plateau_delta >= 0, "plateau fields >= 0")
+        )
         checks.append((self.budget_clock in ("wall", "cpu"), "budget_clock must be wall or cpu"))
         checks.append(
             (

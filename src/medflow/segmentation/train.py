@@ -191,10 +191,12 @@ class _Run:
         )
         # the total steps read at every step: a time budget fixes them after the first few
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, self.cfg.warmup_steps, self.cfg.steps)
+            self.opt,
+            lambda s: lr_factor(s, self.cfg.warmup_steps, self.cfg.steps, self.cfg.lr_schedule),
         )
         self.method = method_for(cfg)
         self.start, self.best_val, self.best_step = 0, None, 0
+        self.plateau: tuple[float | None, int] = (None, 0)  # best so far, validations since
         if state is not None:
             self.net.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
@@ -334,6 +336,27 @@ class _Run:
             )
         return row
 
+    def plateaued(self, val_dice: float | None, done: int) -> bool:
+        """With ``plateau_patience``, at a validation step before the last: whether the
+        validation Dice has stalled (rank 0 decides, every rank takes its answer, so all
+        stop together); the run then ends here (``cfg.steps = done``)."""
+        cfg = self.cfg
+        if not cfg.plateau_patience or done % cfg.val_every or done >= cfg.steps:
+            return False
+        stop = None
+        if self.ranks.main:
+            best, since = self.plateau
+            if best is None or val_dice > best + cfg.plateau_delta:
+                best, since = val_dice, 0
+            else:
+                since += 1
+            self.plateau = (best, since)
+            stop = since >= cfg.plateau_patience
+        stop = from_main(stop)
+        if stop:
+            self.cfg = dataclasses.replace(cfg, steps=done)
+        return stop
+
     def payload(self, step: int, weights: dict, **extra) -> dict:
         return {
             "format": FORMAT,
@@ -454,8 +477,7 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
     cfg, out = run.cfg, run.out
     out.mkdir(parents=True, exist_ok=True)
     _remove_partials(out)
-    info = run.describe(data)
-    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    _write_info(run, data)
     if run.plan is not None:
         write_plan(out / PLANS, run.plan)
         if not quiet:
@@ -480,14 +502,14 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
             if done == budget_probe(run.cfg):
                 run.fit_budget(done, elapsed0 + run.clock() - t_start)
                 bar.total = run.cfg.steps
-                atomic_write(
-                    out / "config.json",
-                    lambda tmp: tmp.write_text(json.dumps(run.describe(data), indent=2) + "\n"),
-                )
+                _write_info(run, data)
             cfg = run.cfg
             if run.val_set is not None and (done % cfg.val_every == 0 or done == cfg.steps):
                 row.update(run.validate(done))
                 bar.set_postfix(val_dice=f"{row['val_dice']:.3f}")
+                if run.plateaued(row["val_dice"], done):  # the run ends here, steps resolved
+                    bar.total, cfg = done, run.cfg
+                    _write_info(run, data)
             row["seconds"] = elapsed0 + run.clock() - t_start
             run.log_rows.append(row)
             bar.update(1)
@@ -498,6 +520,12 @@ def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:
     finally:
         bar.close()
     return run.finish()
+
+
+def _write_info(run: _Run, data: Path) -> None:
+    """``config.json``: the run's config as resolved so far, data, machine, preprocessing."""
+    text = json.dumps(run.describe(data), indent=2) + "\n"
+    atomic_write(run.out / "config.json", lambda tmp: tmp.write_text(text))
 
 
 def budget_probe(cfg: TrainConfig) -> int | None:
@@ -516,3 +544,5 @@ def _follow(run: _Run) -> None:
         step += 1
         if step == budget_probe(run.cfg):
             run.fit_budget(step, None)
+        if run.val_set is not None:
+            run.plateaued(None, step)
