@@ -355,7 +355,19 @@ def _add_bench(verbs) -> None:
         "medflowseg diffusion; full mode all, the ablations without DBSA, FAA or both "
         "included)",
     )
-    bn.add_argument("--budget", nargs="+", default=None, choices=("steps", "time"))
+    bn.add_argument(
+        "--budget",
+        nargs="+",
+        default=None,
+        choices=("steps", "time", "plateau"),
+        help="steps: the same steps for every method; time: the same training time; "
+        "plateau: each method until its validation Dice stalls (--plateau-patience "
+        "validations without a rise, at most --plateau-cap steps)",
+    )
+    bn.add_argument("--plateau-cap", type=int, default=None, help="plateau budget: most steps")
+    bn.add_argument(
+        "--plateau-patience", type=int, default=None, help="plateau budget: validations"
+    )
     bn.add_argument("--steps", type=int, default=None, help="training steps (steps budget)")
     bn.add_argument("--seeds", type=int, nargs="+", default=None)
     bn.add_argument(
@@ -708,6 +720,8 @@ def _bench(args: argparse.Namespace) -> int:
         "budgets": tuple(args.budget) if args.budget else None,
         "steps": args.steps,
         "seeds": tuple(args.seeds) if args.seeds else None,
+        "plateau_cap": args.plateau_cap,
+        "plateau_patience": args.plateau_patience,
     }
     if args.steps is not None and args.steps < 1:
         raise MedflowError(f"--steps {args.steps}: must be at least 1")

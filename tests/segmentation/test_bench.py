@@ -282,3 +282,30 @@ def test_cli_skips_a_setting_and_names_an_unknown_one(tmp_path, capsys):
     assert main([*argv, "--force", "--skip-settings", "euler-9"]) == 2
     err = capsys.readouterr().err
     assert "euler-9: not a sampling setting" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_plateau_budget_trains_each_method_until_it_stalls(tmp_path):
+    data = make_nnunet_dataset(tmp_path / "ds", n_test=1)
+    settings = {"unet": SETTINGS["unet"], "medflowseg": SETTINGS["medflowseg"][:1]}
+    # a rise above 1.0 is impossible: each run stops at its third validation, long before
+    # the cap, whatever it learns
+    train = {**TINY_TRAIN, "val_every": 2, "warmup_steps": 1, "plateau_delta": 1.0}
+    cfg = BenchConfig(
+        datasets=(str(data),),
+        methods=tuple(settings),
+        budgets=("plateau",),
+        seeds=(0,),
+        settings=settings,
+        train=train,
+        latency_slices=2,
+        plateau_cap=50,
+        plateau_patience=2,
+    )
+    rows = run_bench(cfg, tmp_path / "out", device="cpu", quiet=True)["rows"]
+    assert {r["method"] for r in rows} == {"unet", "medflowseg"}
+    for r in rows:
+        assert r["train_steps"] == 6 and r["plateaued"] and r["plateau_cap"] == 50
+        assert [step for step, _ in r["curve"]] == [2, 4, 6]
+        assert all(0.0 <= dice <= 1.0 for _, dice in r["curve"])
+    with pytest.raises(MedflowError, match="plateau_cap and plateau_patience must be >= 1"):
+        BenchConfig(plateau_patience=0)

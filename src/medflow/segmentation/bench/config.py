@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from medflow.errors import MedflowError
 
-BUDGETS = ("steps", "time")
+BUDGETS = ("steps", "time", "plateau")
 # bench method -> TrainConfig fields; the ablations are MedFlowSeg with a module switched off
 # (the image branch stays: without DBSA its features are added at every level)
 METHODS: dict[str, dict] = {
@@ -67,7 +67,10 @@ class BenchConfig:
         datasets: embedded dataset names, built into ``<out>/data``, or paths of nnU-Net raw
             folders (with ``imagesTs``/``labelsTs``).
         methods: bench methods to compare (keys of :data:`METHODS`).
-        budgets: ``"steps"`` and/or ``"time"``.
+        budgets: ``"steps"``, ``"time"`` and/or ``"plateau"`` (each method trains at a
+            constant learning rate until its validation Dice has not risen for
+            ``plateau_patience`` validations, at most ``plateau_cap`` steps; the rows record
+            the steps it took and its validation curve).
         steps: training steps under the steps budget.
         seconds: training seconds under the time budget (None: what MedFlowSeg needs for
             ``steps``, so the two budgets share their MedFlowSeg run's length).
@@ -78,6 +81,9 @@ class BenchConfig:
             ``PROBE_UNTIMED`` untimed ones; the probe's last step, which validates, is not
             timed either).
         latency_slices: slices timed one by one for the latency.
+        plateau_cap: the most steps a run of the plateau budget may train.
+        plateau_patience: validations without a rise (``TrainConfig.plateau_delta``) that
+            end a run of the plateau budget.
         first_seed_only_above: settings with more network calls per image than this are
             predicted, scored and timed on the first seed only (latency on one slice,
             throughput on ``latency_slices`` slices); None: every setting on every seed.
@@ -93,6 +99,8 @@ class BenchConfig:
     train: dict = field(default_factory=lambda: dict(FULL_TRAIN))
     probe_steps: int = 50
     latency_slices: int = 8
+    plateau_cap: int = 3000
+    plateau_patience: int = 5
     first_seed_only_above: int | None = 100
 
     @classmethod
@@ -157,6 +165,11 @@ class BenchConfig:
             raise MedflowError(f"no sampling settings for method(s) {missing}")
         if not self.seeds:
             raise MedflowError("seeds: need at least one seed")
+        if self.plateau_cap < 1 or self.plateau_patience < 1:
+            raise MedflowError(
+                f"plateau_cap and plateau_patience must be >= 1, got {self.plateau_cap} and "
+                f"{self.plateau_patience}"
+            )
         if self.probe_steps < 1 or self.latency_slices < 1:
             raise MedflowError(
                 f"probe_steps and latency_slices must be >= 1, got {self.probe_steps} "

@@ -84,6 +84,7 @@ def run_bench(
         arms += _arms(cfg, ds_name, data, out, device)
     say = (lambda _: None) if quiet else print
     rows = run_protocol(arms, cfg.seeds, out, device=device, say=say)
+    _add_curves(rows, out)
     record = results_record(rows, dataclasses.asdict(cfg), str(device))
     plot_dice_vs_cost(rows, out / "dice_vs_cost.png")
     plot_curves(rows, out, out / "curves.png")
@@ -108,8 +109,9 @@ def _arms(cfg: BenchConfig, ds_name: str, data: Path, out: Path, device: str) ->
     arms = []
     for budget in cfg.budgets:
         for method in cfg.methods:
-            steps = cfg.steps if budget != "time" else max(1, round(seconds / per_step[method]))
-            fields = {**_train_fields(cfg), **METHODS[method], "steps": steps}
+            fields = {**_train_fields(cfg), **METHODS[method], **_length(cfg, budget, method)}
+            if budget == "time":
+                fields["steps"] = max(1, round(seconds / per_step[method]))
             settings = tuple(
                 Setting(label, SamplingOptions(**f)) for label, f in cfg.settings[method]
             )
@@ -120,10 +122,36 @@ def _arms(cfg: BenchConfig, ds_name: str, data: Path, out: Path, device: str) ->
                 "network": {k: getattr(TrainConfig(**fields), k) for k in NETWORK_FIELDS},
                 "seconds_per_step_probe": per_step.get(method),
                 "budget_seconds": seconds if budget == "time" else None,
+                "plateau_cap": cfg.plateau_cap if budget == "plateau" else None,
             }
             name = f"{ds_name}_{budget}_{method}"
             arms.append(Arm(name, data, fields, settings, tags=tags, measure=measure))
     return arms
+
+
+def _length(cfg: BenchConfig, budget: str, method: str) -> dict:
+    """How long ``budget`` trains: ``cfg.steps``, or for the plateau budget until the
+    validation Dice stalls (constant learning rate, ``plateau_cap`` steps at most)."""
+    if budget != "plateau":
+        return {"steps": cfg.steps}
+    return {
+        "steps": cfg.plateau_cap,
+        "lr_schedule": "constant",
+        "plateau_patience": cfg.plateau_patience,
+    }
+
+
+def _add_curves(rows: list[dict], out: Path) -> None:
+    """Each plateau-budget row gets its run's validation curve (``[step, Dice]`` pairs) and
+    whether it stalled before the cap (``plateaued``; False: it was still rising)."""
+    for r in rows:
+        if r["budget"] != "plateau":
+            continue
+        log = read_log(out / r["run"] / "log.csv")
+        r["curve"] = [
+            [int(x["step"]), x["val_dice"]] for x in log if x["val_dice"] == x["val_dice"]
+        ]
+        r["plateaued"] = r["train_steps"] < r["plateau_cap"]
 
 
 def _measure(cfg: BenchConfig):

@@ -30,6 +30,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "seeds": len(rs),
                 "seeds_trained": len(trained[(ds, budget, method)]),
                 "train_steps": rs[0]["train_steps"],
+                "train_steps_all": sorted({r["train_steps"] for r in rs}),
                 "parameters": rs[0]["parameters"],
                 "gflops_per_image": rs[0]["gflops_per_image"],
                 "evaluations_per_image": rs[0]["evaluations_per_image"],
@@ -51,6 +52,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _steps(a: dict) -> str:
+    """The steps trained: one number, or (plateau budget) the mean and range over seeds."""
+    steps = a["train_steps_all"]
+    if len(steps) == 1:
+        return str(steps[0])
+    return f"{statistics.mean(steps):.0f} ({steps[0]}-{steps[-1]})"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The aggregated rows as a Markdown table; a note under it when a setting was evaluated
     on fewer seeds than its method trained."""
@@ -69,7 +78,7 @@ def markdown_table(rows: list[dict]) -> str:
             seeds, fewer = f"{a['seeds']} of {a['seeds_trained']}*", True
         lines.append(
             f"| {a['dataset']} | {a['budget']} | {a['method']} | {a['setting']} | "
-            f"{a['train_steps']} | {seeds} | {a['parameters']:,} | "
+            f"{_steps(a)} | {seeds} | {a['parameters']:,} | "
             f"{a['gflops_per_image']:.3f} | {a['evaluations_per_image']} | "
             f"{a['latency_ms_per_image']:.1f} | {a['throughput_images_per_s']:.1f} | "
             f"{a['peak_memory_mib']:.0f} | {a['dice']:.4f}{sd} | {per_class} | "
