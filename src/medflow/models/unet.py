@@ -8,13 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medflow.models.attention import DualBranchSpatialAttention, FrequencyAwareAttention
+from medflow.models.attention import (
+    DualBranchSpatialAttention,
+    DualBranchSpatialAttentionV2,
+    FrequencyAwareAttention,
+    FrequencyAwareAttentionV2,
+)
 from medflow.models.embeddings import (
     LevelsConfig,
     SinusoidalTimeEmbedding,
     groups_for,
     unet_levels,
 )
+
+# the modules a stored network config lacking these fields was built with (the published
+# DBSA and FAA, FAA at the bottleneck only), whatever today's defaults are
+PRE_FIELD_DEFAULTS = {"dbsa_version": 1, "faa_version": 1, "faa_levels": 1}
+# the module of each version (NetConfig.dbsa_version, faa_version)
+DBSA = {1: DualBranchSpatialAttention, 2: DualBranchSpatialAttentionV2}
+FAA = {1: FrequencyAwareAttention, 2: FrequencyAwareAttentionV2}
+VERSIONS = tuple(DBSA)
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,18 @@ class NetConfig(LevelsConfig):
         dbsa: inject image features through Dual-Branch Spatial Attention on every level
             below full resolution (else, and at full resolution, by addition). Only with
             ``flow``.
-        faa: Frequency-Aware Attention at the bottleneck. Only with ``flow``.
+        faa: Frequency-Aware Attention at the bottleneck (and the next ``faa_levels - 1``
+            finer levels). Only with ``flow``.
+        dbsa_version: 1, the published DBSA (:class:`DualBranchSpatialAttention`: gates on
+            projected image features, read from both streams), or 2
+            (:class:`DualBranchSpatialAttentionV2`: image structure at several scales gates
+            the flow features). docs/MODEL.md §6.1.
+        faa_version: 1, the published FAA (:class:`FrequencyAwareAttention`: a spectral gate
+            over magnitudes), or 2 (:class:`FrequencyAwareAttentionV2`: the gate also reads
+            each bin's frequency). docs/MODEL.md §6.2.
+        faa_levels: how many of the coarsest levels carry FAA: 1 is the bottleneck alone;
+            ``n`` adds it after the decoder blocks of the ``n - 1`` next finer levels (at
+            most ``len(channels)``, the last being full resolution).
         image_branch: the light image encoder whose features enter every level. Off (with
             ``dbsa`` and ``faa`` off, which need it), the image reaches the flow network only
             through the stem, concatenated with ``x_t``: a plain conditional UNet, kept to
@@ -62,6 +86,9 @@ class NetConfig(LevelsConfig):
     faa: bool = True
     image_branch: bool = True
     time_dim: int = 128
+    dbsa_version: int = 1
+    faa_version: int = 1
+    faa_levels: int = 1
     step_input: bool = False
     self_condition: bool = False
     dropout: float = 0.0
@@ -75,9 +102,24 @@ class NetConfig(LevelsConfig):
             raise ValueError("dbsa and faa need the image branch (image_branch=True)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dbsa_version not in VERSIONS or self.faa_version not in VERSIONS:
+            raise ValueError(
+                f"dbsa_version and faa_version must be in {VERSIONS}, got "
+                f"{self.dbsa_version} and {self.faa_version}"
+            )
+        if not 1 <= self.faa_levels <= len(self.channels):
+            raise ValueError(
+                f"faa_levels must be in 1..{len(self.channels)} (one per level of "
+                f"{tuple(self.channels)}), got {self.faa_levels}"
+            )
         if self.in_channels < 1 or self.num_classes < 2:
             raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {self}")
         self._check_levels()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NetConfig:
+        """Read a stored config; fields it lacks take the value it was built with."""
+        return super().from_dict({**PRE_FIELD_DEFAULTS, **d})
 
 
 class SegNet(nn.Module):
@@ -87,8 +129,9 @@ class SegNet(nn.Module):
     The trunk reads ``[x_t, image]``; every residual block is modulated by the time
     embedding; a light image encoder produces features at every level that enter the trunk
     through DBSA (by addition at full resolution), and FAA mixes trunk and image spectra at
-    the bottleneck. The logits parameterise the predicted endpoint (see
-    :mod:`medflow.flows.parameterization`).
+    the bottleneck (and after the decoder blocks of ``faa_levels - 1`` finer levels); each
+    module in the version ``cfg`` names (docs/MODEL.md §6.1, §6.2). The logits parameterise
+    the predicted endpoint (see :mod:`medflow.flows.parameterization`).
 
     Plain mode: ``forward(image) -> logits``, the same trunk without flow state, time or
     image branch: the cost floor for a comparison.
@@ -120,10 +163,14 @@ class SegNet(nn.Module):
             # DBSA on every downsampled level; at full resolution the trunk's stem reads the
             # image itself and DBSA would cost as much as a residual block, so its features
             # are added there (docs/MODEL.md)
-            self.dbsa = nn.ModuleDict(
-                {str(i): DualBranchSpatialAttention(ch[i]) for i in range(1, len(ch)) if cfg.dbsa}
-            )
-            self.faa = FrequencyAwareAttention(ch[-1], cfg.time_dim) if cfg.faa else None
+            dbsa = DBSA[cfg.dbsa_version]
+            self.dbsa = nn.ModuleDict({str(i): dbsa(ch[i]) for i in range(1, len(ch)) if cfg.dbsa})
+            faa = FAA[cfg.faa_version]
+            self.faa = faa(ch[-1], cfg.time_dim) if cfg.faa else None
+            # FAA on finer levels acts after their decoder blocks (docs/MODEL.md §6.2); keyed
+            # by level, empty for the published network, whose state dict it leaves unchanged
+            finer = range(len(ch) - cfg.faa_levels, len(ch) - 1) if cfg.faa else ()
+            self.faa_dec = nn.ModuleDict({str(i): faa(ch[i], cfg.time_dim) for i in finer})
 
         self.enc, self.down, self.mid, self.up, self.dec = unet_levels(ch, tdim, cfg.dropout)
         self.head = nn.Sequential(
@@ -194,10 +241,13 @@ class SegNet(nn.Module):
         h = self.mid(h, temb)
         if g is not None and self.faa is not None:
             h = self.faa(h, g[-1], temb)
-        for up, dec in zip(self.up, self.dec):
+        # the decoder runs from level L - 2 up to full resolution
+        for level, up, dec in zip(reversed(range(len(self.up))), self.up, self.dec):
             skip = skips.pop()
             h = up(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
             h = dec(torch.cat([h, skip], dim=1), temb)
+            if g is not None and str(level) in self.faa_dec:
+                h = self.faa_dec[str(level)](h, g[level], temb)
         return self.head(h)
 
 

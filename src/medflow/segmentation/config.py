@@ -18,7 +18,12 @@ from medflow.flows.parameterization import PARAMETERIZATIONS
 
 MODELS = ("medflowseg", "unet", "diffusion")
 # what a stored config that lacks these fields was trained with
-PRE_FIELD_DEFAULTS = {"shortcut_fraction": 0.0}
+PRE_FIELD_DEFAULTS = {
+    "shortcut_fraction": 0.0,
+    "dbsa_version": 1,
+    "faa_version": 1,
+    "faa_levels": 1,
+}
 TIME_SCHEDULES = ("uniform", "logit_normal")
 
 
@@ -54,6 +59,12 @@ class TrainConfig:
         channels: backbone width per resolution level.
         dbsa: use Dual-Branch Spatial Attention (else plain addition of image features).
         faa: use Frequency-Aware Attention at the bottleneck.
+        dbsa_version: 1 (the published DBSA, the default) or 2 (image structure at several
+            scales gates the flow features; docs/MODEL.md 6.1).
+        faa_version: 1 (the published FAA, the default) or 2 (its spectral gate also reads
+            each frequency bin's position; docs/MODEL.md 6.2).
+        faa_levels: FAA on this many of the coarsest levels: 1 the bottleneck alone (the
+            default), more adds the next finer levels' decoder blocks (at most the depth).
         image_branch: image encoder injected at every level (off needs ``dbsa`` and ``faa``
             off: the image then enters only concatenated with ``x_t``, for comparison).
         parameterization: ``"endpoint"`` (the network predicts the mask's class
@@ -143,6 +154,9 @@ class TrainConfig:
     dbsa: bool = True
     faa: bool = True
     image_branch: bool = True
+    dbsa_version: int = 1
+    faa_version: int = 1
+    faa_levels: int = 1
     parameterization: str = "endpoint"
     time_schedule: str = "logit_normal"
     time_loc: float = -1.0
@@ -242,6 +256,18 @@ class TrainConfig:
             )
         )
         checks.append((self.epochs >= 0, "epochs must be >= 0"))
+        checks.append(
+            (
+                self.dbsa_version in (1, 2) and self.faa_version in (1, 2),
+                "dbsa_version and faa_version must be 1 or 2",
+            )
+        )
+        checks.append(
+            (
+                1 <= self.faa_levels <= len(self.channels),
+                "faa_levels must be between 1 and the number of levels",
+            )
+        )
         checks.append((self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"))
         checks.append(
             (

@@ -17,8 +17,14 @@ METHODS: dict[str, dict] = {
     "medflowseg-no-faa": {"model": "medflowseg", "faa": False},
     "medflowseg-no-both": {"model": "medflowseg", "dbsa": False, "faa": False},
     "diffusion": {"model": "diffusion"},
+    # the reworked modules (docs/MODEL.md 6.1, 6.2): both, and each beside the other's v1
+    "medflowseg-v2": {"model": "medflowseg", "dbsa_version": 2, "faa_version": 2, "faa_levels": 2},
+    "medflowseg-dbsa-v2": {"model": "medflowseg", "dbsa_version": 2},
+    "medflowseg-faa-v2": {"model": "medflowseg", "faa_version": 2, "faa_levels": 2},
 }
 ABLATIONS = ("medflowseg-no-dbsa", "medflowseg-no-faa", "medflowseg-no-both")
+# MedFlowSeg with DBSA and/or FAA in their second version; sampled as the ablations are
+VARIANTS = ("medflowseg-v2", "medflowseg-dbsa-v2", "medflowseg-faa-v2")
 
 
 def _euler(steps: int) -> tuple[str, dict]:
@@ -43,20 +49,30 @@ FULL_SETTINGS = {
         ("ddim-10 x5", {"sampler": "ddim", "steps": 10, "samples": 5}),
         ("ddpm-1000", {"sampler": "ddpm", "steps": 1000}),
     ],
-    **{a: [_euler(1), _euler(4)] for a in ABLATIONS},
+    **{a: [_euler(1), _euler(4)] for a in (*ABLATIONS, *VARIANTS)},
 }
 QUICK_SETTINGS = {
     "unet": [("1 call", {})],
     "medflowseg": [_euler(1), _euler(4)],
     "diffusion": [("ddim-10", {"sampler": "ddim", "steps": 10})],
-    **{a: [_euler(1)] for a in ABLATIONS},
+    **{a: [_euler(1)] for a in (*ABLATIONS, *VARIANTS)},
 }
 # the full mode's shared TrainConfig fields (see BenchConfig for what they cost)
 FULL_TRAIN = {"size": 64, "batch_size": 8, "val_every": 50, "checkpoint_every": 150}
 # probe steps left untimed at the start: the first steps fill the allocator and oneDNN caches
 PROBE_UNTIMED = 2
 # TrainConfig fields recorded in every row: which network the method trained
-NETWORK_FIELDS = ("model", "dbsa", "faa", "image_branch", "channels", "size")
+NETWORK_FIELDS = (
+    "model",
+    "dbsa",
+    "faa",
+    "image_branch",
+    "dbsa_version",
+    "faa_version",
+    "faa_levels",
+    "channels",
+    "size",
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +106,8 @@ class BenchConfig:
     """
 
     datasets: tuple[str, ...] = ("mni152-tissue", "dsb-nuclei")
-    methods: tuple[str, ...] = tuple(METHODS)
+    # the module variants only when named (--methods): the full mode stays its measured size
+    methods: tuple[str, ...] = tuple(m for m in METHODS if m not in VARIANTS)
     budgets: tuple[str, ...] = ("steps",)
     steps: int = 150
     seconds: float | None = None
@@ -106,7 +123,8 @@ class BenchConfig:
     @classmethod
     def full(cls) -> BenchConfig:
         """About 45 minutes on the 2-core CPU: 64 x 64, batch 8, 150 steps, 3 seeds, both
-        datasets, six methods, every sampler, the steps budget.
+        datasets, six methods (the module :data:`VARIANTS` only when named), every sampler,
+        the steps budget.
 
         Measured (docs/BENCHMARKS.md): 43 min on a quiet 2-core machine, 2 threads, DDPM-1000
         included — training 27-44 s per run of 150 steps, 36 runs. The estimate written
