@@ -48,3 +48,11 @@ def split_map_name(case_id: str) -> tuple[str, str] | None:
 
 
 _SAMPLE = re.compile(r"(.+)_sample([0-9]{2})")
+
+
+SYNTHETIC_PREFIX = "synth"  # synthetic cases written by ``synth sample``: ``synth_00000``
+
+
+def is_synthetic(case_id: str) -> bool:
+    """Whether ``case_id`` names a synthetic case (``synth_<n>``) of ``synth sample``."""
+    return case_id.startswith(SYNTHETIC_PREFIX + "_")

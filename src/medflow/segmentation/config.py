@@ -119,6 +119,12 @@ class TrainConfig:
             threads: "15 CPU-minutes", which jobs sharing the machine do not eat; one thread
             for 15 minutes on an idle machine is about the same).
         batch_size: slices per step.
+        synthetic_fraction: with a training set of real and synthetic cases (``synth
+            sample --include-source``; synthetic case ids start with ``synth_``), this
+            fraction of every batch is drawn from the synthetic slices and the rest from the
+            real ones, whatever their counts (0: every slice alike, as without synthetic
+            data). A fixed ratio keeps the real data's weight when hundreds of synthetic
+            pairs join a few dozen real slices.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up before cosine decay to zero.
@@ -176,6 +182,7 @@ class TrainConfig:
     time_budget: str = ""
     budget_clock: str = "wall"
     batch_size: int = 16
+    synthetic_fraction: float = 0.0
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
@@ -239,6 +246,7 @@ class TrainConfig:
                 "parameterization",
             ),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (0.0 <= self.synthetic_fraction < 1.0, "synthetic_fraction must be in [0, 1)"),
             (
                 self.shortcut_max_steps >= 2
                 and not self.shortcut_max_steps & (self.shortcut_max_steps - 1),

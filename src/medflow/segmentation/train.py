@@ -39,6 +39,7 @@ from medflow.data.datasets import (
 )
 from medflow.data.io import atomic_write
 from medflow.data.layout import load_dataset
+from medflow.data.naming import SYNTHETIC_PREFIX, is_synthetic
 from medflow.data.patches import PatchSampler
 from medflow.data.plan import Plan, format_plan, write_plan
 from medflow.data.transforms import Preprocessing, augment_batch
@@ -53,7 +54,7 @@ from medflow.engine.distributed import (
 from medflow.engine.logs import read_log_until, write_log
 from medflow.engine.runtime import autocast, configure_threads, progress, resolve_device
 from medflow.engine.schedule import ema_update, lr_factor
-from medflow.errors import MedflowError, OutputExistsError
+from medflow.errors import DataError, MedflowError, OutputExistsError
 from medflow.flows.losses import LossTerms
 from medflow.metrics.overlap import dice_per_class
 from medflow.models.unet import SegNet
@@ -105,6 +106,18 @@ def _load_split(
         return everything, None
     train_idx, val_idx = split_slab(len(everything), cfg.val_fraction, SLAB_GAP)
     return everything.subset(train_idx), everything.subset(val_idx)
+
+
+def _real_and_synthetic(slices: SliceSet, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the real and of the synthetic training slices (``synthetic_fraction``);
+    refuses a training set without both."""
+    synthetic = torch.tensor([is_synthetic(c) for c in slices.case_ids], dtype=torch.bool)
+    if synthetic.all() or not synthetic.any():
+        what = "no real" if synthetic.all() else f"no synthetic ({SYNTHETIC_PREFIX}_*)"
+        raise DataError(
+            data, f"synthetic_fraction needs real and synthetic training cases; it has {what} ones"
+        )
+    return (~synthetic).nonzero().flatten(), synthetic.nonzero().flatten()
 
 
 def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
@@ -174,6 +187,7 @@ class _Run:
             else None
         )
         self.train_set, self.val_set = _load_split(train_cases, val_cases, cfg, self.prep, self.k)
+        self.pools = _real_and_synthetic(self.train_set, data) if cfg.synthetic_fraction else None
         if cfg.epochs and state is None:  # passes over the slices -> steps, stored resolved
             steps = math.ceil(cfg.epochs * len(self.train_set) / cfg.batch_size)
             self.cfg = cfg = dataclasses.replace(cfg, steps=steps)
@@ -276,7 +290,7 @@ class _Run:
     def step(self, step: int) -> dict:
         """One optimiser step; returns its log row."""
         cfg = self.cfg
-        idx = torch.randint(len(self.train_set), (cfg.batch_size,), generator=self.gen)
+        idx = self.draw_batch()
         images = self.train_set.images[idx].to(self.dev)
         # with several annotations per case, one rater's at random per row
         masks = self.train_set.draw_masks(idx, self.gen).to(self.dev)
@@ -311,6 +325,21 @@ class _Run:
             "seg_loss": seg,
             "shortcut_loss": shortcut,
         }
+
+    def draw_batch(self) -> torch.Tensor:
+        """Indices ``(batch_size,)`` of the next global batch's training slices: uniform, or
+        with ``synthetic_fraction`` a fixed number from the synthetic pool, in random order."""
+        cfg = self.cfg
+        if self.pools is None:
+            return torch.randint(len(self.train_set), (cfg.batch_size,), generator=self.gen)
+        real, synthetic = self.pools
+        n_syn = round(cfg.synthetic_fraction * cfg.batch_size)
+        picks = [
+            real[torch.randint(len(real), (cfg.batch_size - n_syn,), generator=self.gen)],
+            synthetic[torch.randint(len(synthetic), (n_syn,), generator=self.gen)],
+        ]
+        # shuffled, so that under DDP every rank's part of the batch holds both kinds
+        return torch.cat(picks)[torch.randperm(cfg.batch_size, generator=self.gen)]
 
     def _val_probs(self) -> torch.Tensor:
         """The EMA network's probabilities on the validation slices."""
