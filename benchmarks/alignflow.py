@@ -6,6 +6,10 @@ By default it builds the embedded source (``mni152-tissue``) and the simulated t
     python benchmarks/alignflow.py --out runs/alignflow \\
         --results benchmarks/results/alignflow.json
 
+``--site site-c`` builds and measures on the second simulated site instead
+(``mni152-tissue-site-c``: another kind of shift, outside the augmentation baseline's family;
+docs/DATA.md).
+
 ``--set section.field=value`` changes a field of the segmenter (``segmenter.steps=300``),
 stage 1 (``synth.steps=1200``) or stage 2 (``align.reg_weight=1``); ``--synth-model`` reuses
 a stage-1 checkpoint instead of training one. ``--baselines`` picks the control and baseline
@@ -20,6 +24,13 @@ import ast
 import shutil
 import time
 from pathlib import Path
+
+# embedded target per simulated site: (dataset, folder under <out>/data); site-b keeps the
+# folder it always had, so --reuse finds earlier runs' target
+TARGETS = {
+    "site-b": ("mni152-tissue-shifted", "mni152-shifted"),
+    "site-c": ("mni152-tissue-site-c", "mni152-tissue-site-c"),
+}
 
 
 def parse_set(items: list[str]) -> dict[str, dict]:
@@ -45,6 +56,12 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--source", type=Path, help="labelled source dataset (default: embedded)")
     ap.add_argument("--target", type=Path, help="target dataset (default: embedded, simulated)")
+    ap.add_argument(
+        "--site",
+        choices=sorted(TARGETS),
+        help="simulated site of the embedded target, when --target is not given (default "
+        "site-b: mni152-tissue-shifted; site-c: mni152-tissue-site-c)",
+    )
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-synthetic", type=int, default=96)
@@ -67,6 +84,8 @@ def main() -> None:
         help="read back alignments, datasets and segmenter runs already complete in --out",
     )
     args = ap.parse_args()
+    if args.site is not None and args.target is not None:
+        ap.error("--site chooses the embedded target: give --site or --target, not both")
 
     source, target = args.source, args.target
     if source is None:
@@ -74,9 +93,10 @@ def main() -> None:
         if not (source / "dataset.json").exists():
             build("mni152-tissue", source)
     if target is None:
-        target = args.out / "data" / "mni152-shifted"
+        name, folder = TARGETS[args.site or "site-b"]
+        target = args.out / "data" / folder
         if not (target / "dataset.json").exists():
-            build("mni152-tissue-shifted", target)
+            build(name, target)
     sections = parse_set(args.set)
     defaults = HarnessConfig()
     cfg = HarnessConfig(

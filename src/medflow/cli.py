@@ -141,7 +141,11 @@ def _add_datasets(verbs) -> None:
     ds_verbs = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
     ds_verbs.add_parser("list", help="list the embedded datasets")
     b = ds_verbs.add_parser("build", help="build an embedded dataset as an nnU-Net raw folder")
-    b.add_argument("name", help="mni152-tissue, mni152-tissue-shifted, mni152-raters or dsb-nuclei")
+    b.add_argument(
+        "name",
+        help="mni152-tissue, mni152-tissue-shifted, mni152-tissue-site-c, mni152-raters, "
+        "mni152-lesions or dsb-nuclei",
+    )
     b.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     b.add_argument("--force", action="store_true", help="replace an existing folder")
     b.add_argument(

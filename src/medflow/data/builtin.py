@@ -14,6 +14,10 @@
   seed per slab) as a target site for domain alignment; ``references/`` holds unlabelled
   target-site slices of training slabs, ordered so that the first K spread over the brain,
   each stored as its whole slab with the slice named in ``references/slices.json``.
+* ``mni152-tissue-site-c``: built as ``mni152-tissue-shifted`` (same slabs, labels, split,
+  seeds and references), through site ``"site-c"``, a shift of another kind (non-monotone
+  contrast curve, Gibbs ringing, motion ghosts, Rician noise), so that a method is not
+  measured against one shift only.
 * ``mni152-raters``: ``mni152-tissue``'s slabs and split with several annotations per case
   from SIMULATED raters (:mod:`medflow.data.raters`) whose per-voxel label law is exactly
   the renormalised tissue probabilities ``(bg, p_gm, p_wm)``; each rater is drawn once on
@@ -36,6 +40,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -369,6 +374,20 @@ def _write_references(
     return records
 
 
+# simulated target sites with an embedded dataset: site -> (dataset name, what the shift
+# does, for its description)
+SHIFTED_SITES = {
+    "site-b": (
+        "mni152-tissue-shifted",
+        "contrast change, bias field, noise, coarser in-plane resolution",
+    ),
+    "site-c": (
+        "mni152-tissue-site-c",
+        "non-monotone contrast curve, Gibbs ringing, motion ghosts, Rician noise",
+    ),
+}
+
+
 def build_mni152_tissue_shifted(
     out: Path,
     site: str = "site-b",
@@ -378,16 +397,18 @@ def build_mni152_tissue_shifted(
     test_offset: int = 2,
     n_references: int = 10,
 ) -> dict:
-    """Write ``mni152-tissue-shifted`` to ``out``: ``mni152-tissue``'s slabs, labels and
-    split, each slab's image through the simulated acquisition shift ``SITES[site]`` (seeded
-    by the slab's index, so every slab is a different "scan"), plus ``n_references``
-    unlabelled target-site slices of training slabs in ``references/`` (each as its slab,
-    the slice named in ``slices.json``: :func:`_write_references`); returns its
-    ``dataset.json``."""
+    """Write the target-site dataset of ``site`` (``SHIFTED_SITES``: ``mni152-tissue-shifted``
+    for ``"site-b"``, ``mni152-tissue-site-c`` for ``"site-c"``) to ``out``:
+    ``mni152-tissue``'s slabs, labels and split, each slab's image through the simulated
+    acquisition shift ``SITES[site]`` (seeded by the slab's index, so every slab is a
+    different "scan"), plus ``n_references`` unlabelled target-site slices of training slabs
+    in ``references/`` (each as its slab, the slice named in ``slices.json``:
+    :func:`_write_references`); returns its ``dataset.json``."""
     from medflow.data.shift import SITES, apply_shift
 
-    if site not in SITES:
-        raise MedflowError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+    if site not in SHIFTED_SITES:
+        raise MedflowError(f"unknown site {site!r}; choose one of {', '.join(SHIFTED_SITES)}")
+    name, components = SHIFTED_SITES[site]
     shift = SITES[site]
     slabs = _mni152_cut(thickness, gap, test_every, test_offset)
     shifted = [apply_shift(s.image, shift, np.random.default_rng(s.index)) for s in slabs]
@@ -405,14 +426,13 @@ def build_mni152_tissue_shifted(
         MNI152_LABELS,
         len(split["train"]),
         ".nii.gz",
-        f"mni152-tissue under a simulated acquisition shift ({site}: contrast change, bias "
-        "field, noise, coarser in-plane resolution; see medflow.data.shift): the same "
-        "anatomy, labels and split. imagesTs/labelsTs are the target-site test set "
-        "(evaluation only); labelsTr serve only an oracle upper bound (training on labelled "
-        "target data); references/ holds unlabelled target-site slices of training slabs "
-        "(the first K files are the K-shot references).",
+        f"mni152-tissue under a simulated acquisition shift ({site}: {components}; see "
+        "medflow.data.shift): the same anatomy, labels and split. imagesTs/labelsTs are "
+        "the target-site test set (evaluation only); labelsTr serve only an oracle upper "
+        "bound (training on labelled target data); references/ holds unlabelled target-site "
+        "slices of training slabs (the first K files are the K-shot references).",
         {
-            "builtin": "mni152-tissue-shifted",
+            "builtin": name,
             "slab_thickness": thickness,
             "slab_gap": gap,
             "split": split,
@@ -619,6 +639,12 @@ BUILTINS = {
         "mni152-tissue under a simulated acquisition shift (site-b), with 10 unlabelled "
         "target-site reference slices",
         build_mni152_tissue_shifted,
+    ),
+    "mni152-tissue-site-c": BuiltinDataset(
+        "mni152-tissue-site-c",
+        "mni152-tissue under a second simulated shift of another kind (site-c: non-monotone "
+        "contrast, ringing, ghosts, Rician noise), with 10 unlabelled reference slices",
+        partial(build_mni152_tissue_shifted, site="site-c"),
     ),
     "mni152-raters": BuiltinDataset(
         "mni152-raters",
