@@ -12,9 +12,12 @@ docs/DATA.md).
 
 ``--set section.field=value`` changes a field of the segmenter (``segmenter.steps=300``),
 stage 1 (``synth.steps=1200``) or stage 2 (``align.reg_weight=1``); ``--synth-model`` reuses
-a stage-1 checkpoint instead of training one. ``--baselines`` picks the control and baseline
-arms (default: all; ``--baselines`` alone: none); each trains one segmenter per seed, the
-histogram-matching baseline one per K.
+a stage-1 checkpoint instead of training one. ``--baselines`` picks the control, baseline
+and translation arms (default: the four controls and baselines; ``--baselines`` alone: none;
+``translated`` and ``translated_sdedit``, translation from real masks, only when named: each
+adds an alignment and a segmenter per K and seed); each trains one segmenter per seed, the
+histogram-matching baseline and the translation arms one per K. ``--synthetic-fraction F``
+draws that share of every batch of an arm with synthetic pairs from them.
 """
 
 from __future__ import annotations
@@ -50,7 +53,12 @@ def parse_set(items: list[str]) -> dict[str, dict]:
 
 def main() -> None:
     from medflow.data.builtin import build
-    from medflow.synthesis.harness import BASELINES, HarnessConfig, run_alignflow
+    from medflow.synthesis.harness import (
+        BASELINES,
+        DEFAULT_BASELINES,
+        HarnessConfig,
+        run_alignflow,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -70,8 +78,18 @@ def main() -> None:
         "--baselines",
         nargs="*",
         choices=BASELINES,
-        default=list(BASELINES),
-        help="control and baseline arms to run (default: all)",
+        default=list(DEFAULT_BASELINES),
+        help="control, baseline and translation arms to run (default: "
+        f"{' '.join(DEFAULT_BASELINES)}; the translation arms only when named)",
+    )
+    ap.add_argument(
+        "--sdedit-start", type=float, default=0.5, help="t0 of the translated_sdedit arm"
+    )
+    ap.add_argument(
+        "--synthetic-fraction",
+        type=float,
+        default=0.0,
+        help="share of every batch drawn from the synthetic pairs (0: by their count)",
     )
     ap.add_argument("--augment-copies", type=int, default=1, help="augmented copies per case")
     ap.add_argument("--synth-model", type=Path, help="reuse this stage-1 synth.pt")
@@ -106,6 +124,8 @@ def main() -> None:
         oracle=not args.no_oracle,
         baselines=tuple(args.baselines),
         augment_copies=args.augment_copies,
+        sdedit_start=args.sdedit_start,
+        synthetic_fraction=args.synthetic_fraction,
         segmenter={**defaults.segmenter, **sections["segmenter"]},
         synth=sections["synth"],
         align=sections["align"],

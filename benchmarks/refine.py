@@ -141,17 +141,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _data(args: argparse.Namespace) -> Path:
-    if args.data is not None:
-        return args.data
-    from medflow.data.builtin import build
-
-    data = args.out / "data" / "mni152-tissue"
-    if not (data / "dataset.json").is_file():
-        build("mni152-tissue", data, force=True)
-    return data
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs")
@@ -170,6 +159,7 @@ def main() -> int:
     parser.add_argument("--name", default="refine", help="results file name")
     parser.add_argument("--reuse", action="store_true", help="read back finished runs")
     args = parser.parse_args()
+    from medflow.data.builtin import built
     from medflow.segmentation.protocol import results_record, run_protocol, write_results
 
     # a time budget on the CPU clock: jobs sharing the machine do not eat it
@@ -179,7 +169,7 @@ def main() -> int:
         else {"steps": args.train_steps}
     )
     chosen = [c for c in CONDITIONS if c.name in args.conditions]
-    data = _data(args)
+    data = args.data or built("mni152-tissue", args.out / "data" / "mni152-tissue")
     protocol = arms(chosen, data, spend, args.size, args.predict_steps, args.refine_starts)
     rows = run_protocol(protocol, args.seeds, args.out, reuse=args.reuse, jobs=args.jobs)
     config = {

@@ -75,6 +75,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
             )
+        elif isinstance(default, tuple) and default and all(isinstance(v, str) for v in default):
+            # names (AlignConfig.reward_features): space-separated, checked by the config
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                nargs="+",
+                default=None,
+                metavar="NAME",
+                help=f"{helps.get(f.name, '')} (default: {' '.join(default)})",
+            )
         elif isinstance(default, tuple):
             parser.add_argument(
                 flag,
@@ -84,7 +94,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 type=lambda s: tuple(int(v) for v in s.split(",")),
                 help=text,
             )
-        elif default is None or isinstance(default, int):
+        elif default is None:  # optional: typed from the annotation ("float | None", ...)
+            kind = next((t for t in (float, str) if t.__name__ in str(f.type)), int)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+        elif isinstance(default, int):
             parser.add_argument(flag, dest=f.name, type=int, default=None, help=text)
         elif isinstance(default, float):
             parser.add_argument(flag, dest=f.name, type=float, default=None, help=text)
@@ -115,6 +128,8 @@ def _config_from_args(cls: type, args: argparse.Namespace):
 def _flag_value(value: object) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value))
+    if isinstance(value, list):  # a nargs="+" flag's words
+        return " ".join(map(str, value))
     return str(value)
 
 
@@ -425,6 +440,22 @@ def _add_synth(verbs) -> None:
         "--references", required=True, type=Path, help="folder of unlabelled target-site images"
     )
     sa.add_argument("--out", required=True, type=Path, help="run folder (aligned synth.pt)")
+    sa.add_argument(
+        "--real-masks",
+        dest="masks",
+        action="store_const",
+        const="real",
+        default=None,
+        help="align for the real training masks of --source, not mask-flow samples "
+        "(same as --masks real; --start-time T0 translates their images from T0)",
+    )
+    sa.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="the labelled source dataset of --real-masks (synth.pt does not record it)",
+    )
     _add_synth_common(sa)
     _add_config_flags(sa.add_argument_group("hyperparameters"), AlignConfig)
     ss = sy_verbs.add_parser("sample", help="write N synthetic pairs as an nnU-Net raw dataset")
@@ -450,6 +481,14 @@ def _add_synth(verbs) -> None:
         type=Path,
         default=None,
         help="also copy this dataset's labelled training cases in (real + synthetic)",
+    )
+    ss.add_argument(
+        "--real-masks",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="generate for real training masks of DATA (drawn with --seed, each once before "
+        "any twice) and, for a model aligned with --start-time, from their images",
     )
     _add_synth_common(ss)
 
@@ -770,11 +809,14 @@ def _synth(args: argparse.Namespace) -> int:
         from medflow.synthesis.config import AlignConfig
 
         cfg = _config_from_args(AlignConfig, args)
+        if args.source is not None and cfg.masks != "real":
+            raise MedflowError(f"--source {args.source}: is read only with --real-masks")
         path = align(
             args.model,
             args.references,
             args.out,
             cfg,
+            source=args.source,
             device=args.device,
             force=args.force,
             quiet=args.quiet,
@@ -785,8 +827,13 @@ def _synth(args: argparse.Namespace) -> int:
             f"slice(s)) {summary['reward_before']:.4f} -> {summary['reward_after']:.4f}"
         )
         return 0
-    from medflow.synthesis.sample import sample_dataset
+    from medflow.synthesis.model import SynthModel
+    from medflow.synthesis.sample import real_pairs, sample_dataset
 
+    masks = images = None
+    if args.real_masks is not None:
+        model = SynthModel.load(args.model)
+        masks, images = real_pairs(args.real_masks, model, args.n, args.seed)
     meta = sample_dataset(
         args.model,
         args.out,
@@ -796,6 +843,8 @@ def _synth(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         per_case=args.per_case,
         include_source=args.include_source,
+        masks=masks,
+        images=images,
         device=args.device,
         force=args.force,
         quiet=args.quiet,

@@ -673,3 +673,12 @@ def build(name: str, out: str | Path, force: bool = False, **options: object) ->
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputExistsError(out)
     return build_folder(out, lambda folder: BUILTINS[name].build(folder, **options))
+
+
+def built(name: str, out: str | Path) -> Path:
+    """``out`` holding the embedded dataset ``name``: built there unless a dataset already
+    is (what the benchmarks' default ``--data`` does)."""
+    out = Path(out)
+    if not (out / "dataset.json").is_file():
+        build(name, out, force=True)
+    return out

@@ -39,12 +39,16 @@ class SliceSet:
         case_ids: the case each slice came from, length N.
         raters: ``(N, R, H, W)`` uint8, every annotation of each slice, ``raters[:, 0]``
             equal to ``masks``; ``None`` where the cases have one annotation each.
+        positions: ``(N,)`` float64, each slice's world coordinate in mm along the world
+            axis nearest to the slice axis (:func:`slice_positions`); ``None`` for 2D images
+            and for sets built without it.
     """
 
     images: torch.Tensor
     masks: torch.Tensor
     case_ids: list[str]
     raters: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -52,7 +56,9 @@ class SliceSet:
     def subset(self, index: Sequence[int] | np.ndarray) -> SliceSet:
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
         raters = None if self.raters is None else self.raters[idx]
-        return SliceSet(self.images[idx], self.masks[idx], [self.case_ids[i] for i in idx], raters)
+        positions = None if self.positions is None else self.positions[idx]
+        ids = [self.case_ids[i] for i in idx]
+        return SliceSet(self.images[idx], self.masks[idx], ids, raters, positions)
 
     def draw_masks(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The masks of slices ``idx`` ``(B,)``: ``masks[idx]`` with one annotation per
@@ -156,7 +162,7 @@ def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) ->
     """Read labelled cases and return all their slices at the training size; every
     annotation of cases with several (``Case.raters``) goes into ``SliceSet.raters``."""
     n_raters = _rater_count(cases)
-    images, annotations, ids = [], [], []
+    images, annotations, ids, positions = [], [], [], []
     for case in cases:
         img = read_image(case.images)
         if prep.dims == 2 and img.geometry.dims == 3:
@@ -172,13 +178,36 @@ def load_slices(cases: Sequence[Case], prep: Preprocessing, num_classes: int) ->
         images.append(x)
         annotations.append(torch.stack(y, dim=1))
         ids.extend([case.case_id] * x.shape[0])
+        positions.append(slice_positions(img, box, prep.slice_axis))
     # at a planned spacing cases differ in size: pad each to the largest (image 0, the
     # normalised mean; label 0, background), at the end of both axes
     shape = tuple(max(x.shape[-1 - i] for x in images) for i in (1, 0))
     images = [pad_to(x, shape) for x in images]
     stacked = torch.cat([pad_to(y, shape) for y in annotations])
     masks = stacked[:, 0].contiguous()
-    return SliceSet(torch.cat(images), masks, ids, stacked if n_raters else None)
+    where = torch.cat(positions) if prep.dims == 3 else None
+    return SliceSet(torch.cat(images), masks, ids, stacked if n_raters else None, where)
+
+
+def slice_positions(image: Volume, box: tuple[slice, slice, slice], axis: int) -> torch.Tensor:
+    """World coordinates (mm) of the slices of ``image`` cropped to ``box`` along ``axis``.
+
+    A slice's position is the world coordinate of the centre of its cropped plane along the
+    world axis nearest to the voxel axis ``axis`` (for a RAS NIfTI sliced axially: z). Slabs
+    cut from one volume with their affines shifted to their place (``mni152-tissue``) then
+    share one frame, which a slice index within each file would not give.
+
+    Returns:
+        ``(N,)`` float64, N = the box's extent along ``axis``.
+    """
+    affine = np.asarray(image.geometry.affine, dtype=np.float64)
+    world_axis = int(np.abs(affine[:3, axis]).argmax())
+    centre = np.array([(s.start + s.stop - 1) / 2.0 for s in box])
+    index = np.arange(box[axis].start, box[axis].stop, dtype=np.float64)
+    voxels = np.repeat(centre[None], len(index), axis=0)
+    voxels[:, axis] = index
+    world = voxels @ affine[:3, :3].T + affine[:3, 3]
+    return torch.from_numpy(world[:, world_axis])
 
 
 def _rater_count(cases: Sequence[Case]) -> int:

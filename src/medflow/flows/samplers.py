@@ -108,16 +108,24 @@ def euler_with_grad(
     steps: int = 1,
     checkpoint: bool = True,
     on_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    *,
+    start: float = 0.0,
 ) -> torch.Tensor:
     """Euler like :func:`euler`, but differentiable: gradients of the result reach the
     velocity's parameters through every step (reward fine-tuning back-propagates through the
-    sampler). With ``checkpoint`` each step's activations are recomputed in the backward pass
+    sampler). ``x0`` is the state at ``t = start`` (0: noise), integrated to 1 in ``steps``
+    uniform steps, so a translation from ``start > 0`` back-propagates through those only.
+    With ``checkpoint`` each step's activations are recomputed in the backward pass
     instead of stored, so memory grows with the state, not with ``steps`` network graphs.
     ``on_step(x, t, v)``, if given, sees every state, time and velocity (with their graph).
     A field that keeps state in ``cond`` (a self-conditioned ``FlowField``) needs
     ``checkpoint=False``: the backward pass would recompute a step from the later state.
     """
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"start must be in [0, 1), got {start}")
     ts = _times(steps, x0.device)
+    if start:
+        ts = torch.linspace(start, 1.0, steps + 1, device=x0.device)
     return _euler_loop(velocity, x0, cond, ts, checkpoint=checkpoint, on_step=on_step)
 
 

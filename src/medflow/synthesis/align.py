@@ -20,8 +20,16 @@ sampler visits (function space, not weights): it lets the images' appearance mov
 the site while the mask condition keeps their structure; :func:`faithfulness` in the
 downstream harness checks that it does.
 
+Translation from real masks (``AlignConfig.masks = "real"``): the masks are the labelled
+source's training masks instead of mask-flow samples, so the images are aligned for real
+anatomy. With ``start_time`` t0 > 0 (SDEdit-style) the sampler starts from the real image of
+each mask partly noised, ``x_{t0} = (1 - t0) x0 + t0 x_real``, and runs its ``N`` steps from
+t0 to 1 only, so the reward is back-propagated through the end of the trajectory.
+
 The fine-tuned model is saved as a synthesis checkpoint whose default sampling is the same
-``N``-step Euler the reward was optimised through, with an ``alignment`` record.
+``N``-step Euler the reward was optimised through, with an ``alignment`` record that holds
+the route (``masks``, ``start_time``, ``source``), so that ``synth sample`` starts where
+the reward was optimised.
 """
 
 from __future__ import annotations
@@ -43,11 +51,11 @@ from medflow.data.transforms import Preprocessing
 from medflow.engine.logs import write_log
 from medflow.engine.runtime import progress
 from medflow.errors import DataError, MedflowError
-from medflow.flows.samplers import euler
 from medflow.synthesis.config import AlignConfig
 from medflow.synthesis.model import SynthModel, start_run
 from medflow.synthesis.preview import save_grid
 from medflow.synthesis.reward import FeatureEncoder, MMDReward
+from medflow.synthesis.sample import draw_order, source_slices
 from medflow.synthesis.view import foreground, segmenter_view
 
 CHECKPOINT = "synth.pt"
@@ -133,10 +141,48 @@ def read_references(folder: str | Path, prep: Preprocessing, k: int | None) -> R
     return References(torch.cat(images), torch.cat(fg), files)
 
 
+@dataclass
+class _Pool:
+    """The masks stage 2 draws its batches from.
+
+    Attributes:
+        masks: ``(N, H, W)`` label maps.
+        images: ``(N, C, H, W)`` the real images of real masks (as stage 1 trained on
+            them); None for mask-flow samples.
+    """
+
+    masks: torch.Tensor
+    images: torch.Tensor | None = None
+
+    def evaluation(self, n: int, gen: torch.Generator):
+        """Indices of the fixed evaluation batch: the first ``n`` mask-flow samples (random
+        already), or ``n`` real masks drawn at random (the source's are in case order)."""
+        return slice(0, n) if self.images is None else draw_order(len(self.masks), n, gen)
+
+    def batch(self, flow, index, gen: torch.Generator, start: float):
+        """The masks at ``index`` and the sampler's start for them: noise, or for ``start``
+        > 0 their real images partly noised to ``start``."""
+        masks = self.masks[index]
+        x = flow.noise(masks, gen)
+        return masks, (x if start == 0 else flow.noised(x, self.images[index], start))
+
+
+def _mask_pool(model: SynthModel, cfg: AlignConfig, source, gen: torch.Generator) -> _Pool:
+    if cfg.masks == "real":
+        slices = source_slices(source, model)
+        return _Pool(slices.masks, slices.images)
+    # sampled once: the mask flow is frozen
+    batches = [
+        model.mask_flow.sample(cfg.batch_size, model.size, gen, model.sample_steps)
+        for _ in range(MASK_POOL_BATCHES)
+    ]
+    return _Pool(torch.cat(batches))
+
+
 @torch.no_grad()
-def _generate(model: SynthModel, masks: torch.Tensor, x0: torch.Tensor, steps: int):
-    cond = model.image_flow.encode(masks)
-    return euler(model.image_flow.velocity, x0, cond, steps)
+def _generate(model: SynthModel, masks: torch.Tensor, x: torch.Tensor, cfg: AlignConfig):
+    """Plain Euler (no graph) of the image flow from ``x`` at ``cfg.start_time``."""
+    return model.image_flow.sample_with_grad(masks, x, cfg.sampler_steps, start=cfg.start_time)
 
 
 def _viewer(model: SynthModel):
@@ -152,12 +198,19 @@ def align(
     out: str | Path,
     cfg: AlignConfig,
     *,
+    source: str | Path | None = None,
     device: str = "auto",
     force: bool = False,
     quiet: bool = False,
 ) -> Path:
     """Fine-tune the image flow of ``checkpoint`` towards the images in ``references``;
-    writes ``out/synth.pt`` and returns its path."""
+    writes ``out/synth.pt`` and returns its path. ``source``, the labelled source dataset,
+    gives the masks (and, for ``cfg.start_time > 0``, the images) of ``cfg.masks = "real"``."""
+    if cfg.masks == "real" and source is None:
+        raise MedflowError(
+            f"{checkpoint}: aligning on real masks needs the labelled source dataset "
+            "(--source DATA)"
+        )
     out = Path(out)
     dev, gen = start_run(
         out, RUN_FILES, force=force, device=device, threads=cfg.threads, seed=cfg.seed
@@ -169,18 +222,15 @@ def align(
             "align the stage-1 checkpoint instead"
         )
     refs = read_references(references, model.prep, cfg.k)
-    pool = torch.cat(
-        [
-            model.mask_flow.sample(cfg.batch_size, model.size, gen, model.sample_steps)
-            for _ in range(MASK_POOL_BATCHES)
-        ]
-    )
+    pool = _mask_pool(model, cfg, source, gen)
     # a fixed evaluation batch: the same masks and noise before and after
-    eval_masks = pool[: max(cfg.batch_size, 8)]
-    eval_noise = model.image_flow.noise(eval_masks, gen)
-    before = _generate(model, eval_masks, eval_noise, cfg.sampler_steps)
+    index = pool.evaluation(max(cfg.batch_size, 8), gen)
+    eval_masks, eval_start = pool.batch(model.image_flow, index, gen, cfg.start_time)
+    before = _generate(model, eval_masks, eval_start, cfg)
     see = _viewer(model)
-    encoder = FeatureEncoder(len(model.channel_names), seed=cfg.encoder_seed).to(dev)
+    encoder = FeatureEncoder(
+        len(model.channel_names), seed=cfg.encoder_seed, features=cfg.reward_features
+    ).to(dev)
     # the reward compares the images as the segmenter will see them, over the tissue only;
     # its yardstick is calibrated on stage-1 images (see MMDReward)
     view_before, fg_before = see(before)
@@ -193,7 +243,7 @@ def align(
     )
     reward_before = float(reward(view_before, fg_before))
     rows = _fine_tune(model, pool, reward, see, cfg, gen, quiet)
-    after = _generate(model, eval_masks, eval_noise, cfg.sampler_steps)
+    after = _generate(model, eval_masks, eval_start, cfg)
     summary = {
         "config": cfg.to_dict(),
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -203,29 +253,41 @@ def align(
         "reward_after": float(reward(*see(after))),
         "reward_on": "segmenter view (re-normalised as synth sample + medflow train), tissue",
         "bandwidths": list(reward.bandwidths),
+        "masks": cfg.masks,
+        "start_time": cfg.start_time,
+        "source": str(Path(source).resolve()) if cfg.masks == "real" else None,
+        "pool_masks": len(pool.masks),
         "seconds": rows[-1]["seconds"],
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "medflow_version": __version__,
     }
-    model.alignment = {k: summary[k] for k in ("config", "references", "reward_before")}
-    model.alignment["reward_after"] = summary["reward_after"]
-    model.sample_steps = cfg.sampler_steps
+    n = min(8, refs.images.shape[0])
+    real = [] if pool.images is None else [("source images", pool.images[index])]
+    preview = [("references", refs.images[:n]), *real, ("before", before), ("aligned", after)]
+    return _save(out, model, summary, rows, preview, eval_masks)
+
+
+# what the checkpoint keeps of align.json; the route (masks, start_time, source) travels
+# with the model so that synth sample starts where the reward was optimised
+RECORD = ("config", "references", "reward_before", "reward_after", "masks", "start_time", "source")
+
+
+def _save(out: Path, model: SynthModel, summary: dict, rows, preview, masks) -> Path:
+    """The aligned run folder: ``align.json``, ``log.csv``, ``preview.png`` (``preview``
+    rows over ``masks``) and the checkpoint, whose sampler is the aligned one."""
+    model.alignment = {k: summary[k] for k in RECORD}
+    model.sample_steps = summary["config"]["sampler_steps"]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(
         out / "align.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")
     )
     write_log(out / "log.csv", list(rows[0]), rows)
-    n = min(8, refs.images.shape[0])
-    save_grid(
-        out / "preview.png",
-        [("references", refs.images[:n]), ("before", before.cpu()), ("aligned", after.cpu())],
-        masks=eval_masks,
-    )
+    save_grid(out / "preview.png", [(t, x.cpu()) for t, x in preview], masks=masks)
     return model.save(out / CHECKPOINT)
 
 
-def _fine_tune(model, pool, reward, see, cfg: AlignConfig, gen, quiet: bool) -> list[dict]:
+def _fine_tune(model, pool: _Pool, reward, see, cfg: AlignConfig, gen, quiet: bool) -> list[dict]:
     """The reward fine-tuning loop (module docstring) on ``model.image_flow``, in place;
     returns the log rows."""
     flow = model.image_flow
@@ -237,8 +299,8 @@ def _fine_tune(model, pool, reward, see, cfg: AlignConfig, gen, quiet: bool) -> 
     rows, t0 = [], time.perf_counter()
     bar = progress(total=cfg.steps, quiet=quiet, desc="synth align", unit="step")
     for step in range(cfg.steps):
-        masks = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
-        x0 = flow.noise(masks, gen)
+        index = torch.randint(len(pool.masks), (cfg.batch_size,), generator=gen)
+        masks, x0 = pool.batch(flow, index, gen, cfg.start_time)
         cond = flow.encode(masks)
         drift = []
 
@@ -247,7 +309,9 @@ def _fine_tune(model, pool, reward, see, cfg: AlignConfig, gen, quiet: bool) -> 
                 v0 = frozen(x.detach(), t, cond)
             drift.append((v - v0).pow(2).mean())
 
-        images = flow.sample_with_grad(masks, x0, cfg.sampler_steps, cfg.checkpointing, regularise)
+        images = flow.sample_with_grad(
+            masks, x0, cfg.sampler_steps, cfg.checkpointing, regularise, start=cfg.start_time
+        )
         r = reward(*see(images))
         reg = torch.stack(drift).mean()
         loss = r + cfg.reg_weight * reg

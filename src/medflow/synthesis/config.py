@@ -9,11 +9,42 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# the feature groups of the reward's encoder (medflow.synthesis.reward.FeatureEncoder), named
+# here so that the CLI and stored configs are checked without importing torch
+REWARD_FEATURES = ("moments", "histogram", "style", "fine_histogram", "laplacian", "lowfreq")
+# the encoder's features before the groups could be chosen, in the same order: the default
+DEFAULT_REWARD_FEATURES = ("moments", "histogram", "style")
+
+
+def check_reward_features(names: object) -> tuple[str, ...]:
+    """``names`` (a sequence of group names, or one string of comma-separated names, as a
+    ``--set align.reward_features=laplacian,lowfreq`` override gives it) as a tuple, checked.
+
+    Raises:
+        ValueError: no name, an unknown name or a name given twice.
+    """
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    names = tuple(str(n) for n in names)
+    unknown = [n for n in names if n not in REWARD_FEATURES]
+    if not names or unknown or len(set(names)) < len(names):
+        raise ValueError(
+            f"reward_features {list(names)}: name each group once, "
+            f"from {', '.join(REWARD_FEATURES)}"
+        )
+    return names
+
 
 def _check(checks: list[tuple[bool, str]], obj: object) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{message} (got {obj})")
+
+
+# the mask flow's state encodings (medflow.flows.encoding): one-hot or signed distance
+MASK_ENCODINGS = ("onehot", "sdf")
+# what a stored stage-1 config that lacks these fields was trained with
+SYNTH_PRE_FIELD_DEFAULTS = {"separate_optimisers": False}
 
 
 def _from_dict(cls, d: dict):
@@ -38,7 +69,8 @@ class SynthConfig:
         slice_axis: spatial axis to slice along; None picks it as ``medflow train`` does.
         mask_channels: width per resolution level of the mask flow's network.
         image_channels: width per resolution level of the image flow's network.
-        steps: optimiser steps (each trains both flows on one batch).
+        steps: optimiser steps (each trains both flows on one batch; with
+            separate_optimisers, the image flow's steps).
         batch_size: slices per step.
         lr: peak AdamW learning rate (linear warm-up, cosine decay).
         warmup_steps: warm-up steps.
@@ -50,6 +82,22 @@ class SynthConfig:
         sample_steps: Euler steps used by ``sample`` and stored as its default.
         seed: seeds initialisation, data order, noise and times.
         threads: intra-op threads on CPU; None uses every core.
+        separate_optimisers: give each flow its own AdamW, schedule, gradient clip and
+            stream of batches and noise, so the image loss no longer scales the mask flow's
+            step through one clip norm over both; off: one optimiser, as before.
+        mask_lr: the mask flow's peak learning rate (needs separate_optimisers); None: lr.
+        mask_steps: the mask flow's optimiser steps (needs separate_optimisers); beyond
+            ``steps`` it trains alone; None: steps.
+        position_condition: condition the mask flow on each slice's position along the
+            slice axis (0..1 over the training slices' world-coordinate range); samples
+            then take positions drawn from the training slices' unless given.
+        mask_encoding: the mask flow's state: "onehot" (scaled to [-1, 1]) or "sdf"
+            (per-class signed distance squashed by tanh); both decode by argmax.
+        mask_sdf_width: width in pixels of the "sdf" encoding's tanh.
+        mask_postprocess: clean sampled masks: drop foreground components smaller than
+            mask_min_component pixels, fill holes smaller than mask_max_hole pixels.
+        mask_min_component: smallest foreground component kept by mask_postprocess.
+        mask_max_hole: holes smaller than this are filled by mask_postprocess.
     """
 
     size: int = 64
@@ -66,6 +114,15 @@ class SynthConfig:
     sample_steps: int = 20
     seed: int = 0
     threads: int | None = None
+    separate_optimisers: bool = False
+    mask_lr: float | None = None
+    mask_steps: int | None = None
+    position_condition: bool = False
+    mask_encoding: str = "onehot"
+    mask_sdf_width: float = 4.0
+    mask_postprocess: bool = False
+    mask_min_component: int = 8
+    mask_max_hole: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mask_channels", tuple(int(c) for c in self.mask_channels))
@@ -83,16 +140,35 @@ class SynthConfig:
                 (0.0 <= self.class_dropout <= 1.0, "class_dropout must be in [0, 1]"),
                 (self.sample_steps >= 1, "sample_steps must be >= 1"),
                 (self.slice_axis in (None, 0, 1, 2), "slice_axis must be 0, 1 or 2"),
+                (self.mask_lr is None or self.mask_lr > 0, "mask_lr must be positive"),
+                (self.mask_steps is None or self.mask_steps >= 1, "mask_steps must be >= 1"),
+                (
+                    self.separate_optimisers or (self.mask_lr, self.mask_steps) == (None, None),
+                    "mask_lr and mask_steps need separate_optimisers",
+                ),
+                (self.mask_encoding in MASK_ENCODINGS, f"mask_encoding must be {MASK_ENCODINGS}"),
+                (self.mask_sdf_width > 0, "mask_sdf_width must be positive"),
+                (
+                    self.mask_min_component >= 0 and self.mask_max_hole >= 0,
+                    "mask_min_component and mask_max_hole must be >= 0",
+                ),
             ],
             self,
         )
+
+    @property
+    def mask_total_steps(self) -> int:
+        """The mask flow's optimiser steps."""
+        return self.steps if self.mask_steps is None else self.mask_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> SynthConfig:
-        return _from_dict(cls, d)
+        # a config stored before a field existed was trained without it: take the old
+        # behaviour, not today's default
+        return _from_dict(cls, {**SYNTH_PRE_FIELD_DEFAULTS, **d})
 
 
 @dataclass(frozen=True)
@@ -109,10 +185,19 @@ class AlignConfig:
         reg_weight: weight of the regulariser that keeps the velocity field near stage 1's
             on the states the sampler visits.
         encoder_seed: seed of the frozen random feature encoder of the reward.
+        reward_features: the feature groups of the reward's encoder, in this order: any of
+            moments, histogram, style, fine_histogram, laplacian, lowfreq (the default, the
+            first three, are the encoder's original features; docs/ALIGNFLOW.md).
         checkpointing: recompute each sampler step in the backward pass (gradient
             checkpointing) instead of storing its activations.
         seed: seeds masks, noise and the choice of source images for feature scaling.
         threads: intra-op threads on CPU; None uses every core.
+        masks: where the masks the images are generated for come from: "flow" (samples of
+            the frozen mask flow) or "real" (the labelled source's training masks, at the
+            model's size; ``align`` then needs the source dataset).
+        start_time: 0 integrates the sampler from noise; t0 in (0, 1) translates: it starts
+            from ``(1 - t0) * noise + t0 * image``, the image of each real mask, and
+            integrates from t0 to 1 only (needs masks "real"; sampling needs the images).
     """
 
     k: int | None = None
@@ -122,14 +207,23 @@ class AlignConfig:
     lr: float = 1e-3
     reg_weight: float = 1.0
     encoder_seed: int = 0
+    reward_features: tuple[str, ...] = DEFAULT_REWARD_FEATURES
     checkpointing: bool = True
     seed: int = 0
     threads: int | None = None
+    masks: str = "flow"
+    start_time: float = 0.0
 
     def __post_init__(self) -> None:
         _check(
             [
                 (self.k is None or self.k >= 1, "k must be >= 1"),
+                (self.masks in ("flow", "real"), "masks must be 'flow' or 'real'"),
+                (0.0 <= self.start_time < 1.0, "start_time must be in [0, 1)"),
+                (
+                    self.start_time == 0.0 or self.masks == "real",
+                    "start_time > 0 starts from partly noised real images: it needs masks 'real'",
+                ),
                 (self.steps >= 1 and self.batch_size >= 2, "steps >= 1 and batch_size >= 2"),
                 (self.sampler_steps >= 1, "sampler_steps must be >= 1"),
                 (self.lr > 0, "lr must be positive"),
@@ -137,6 +231,8 @@ class AlignConfig:
             ],
             self,
         )
+        # stored configs hold the tuple as a JSON list
+        object.__setattr__(self, "reward_features", check_reward_features(self.reward_features))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,8 +11,12 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
    with the aligned model's sampler steps (``equal_steps``: alignment, not the sampler, is
    what differs), stage-1 images for the *real* source masks (``real_masks``: what the mask
    flow adds), the source under strong appearance augmentation (``augmented``) and the
-   source histogram-matched to the K references (``histogram``); and (``oracle``) the
-   target's own labelled training cases, the upper bound;
+   source histogram-matched to the K references (``histogram``); translation from real
+   masks, outside :data:`DEFAULT_BASELINES`: source + pairs for real source masks of the
+   model aligned on those masks (``translated``: against the stage-1-on-real-masks arm only
+   the alignment differs) and of the model aligned to translate each mask's real image
+   from ``sdedit_start`` (``translated_sdedit``); and (``oracle``) the target's own
+   labelled training cases, the upper bound;
 3. for every replicate seed ``r`` (``seeds``): every synthetic set drawn, every alignment
    run and every segmenter trained with seed ``r``, so conditions are compared paired,
    replicate by replicate (:mod:`medflow.synthesis.tables`: paired gains with t intervals);
@@ -25,8 +29,9 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
 6. faithfulness: the source-only and the oracle segmenters applied to each synthetic set,
    Dice against the masks that conditioned the images.
 
-Every condition trains one more segmenter per seed: the baselines add ``3 + len(ks)``
-arms to the core ``2 + len(ks)`` (+ oracle).
+Every condition trains one more segmenter per seed: the default baselines add
+``3 + len(ks)`` arms to the core ``2 + len(ks)`` (+ oracle); ``translated`` and
+``translated_sdedit`` add ``len(ks)`` arms and ``len(ks)`` alignments per seed each.
 """
 
 from __future__ import annotations
@@ -54,13 +59,15 @@ from medflow.synthesis.baselines import augmented_dataset, histogram_matched_dat
 from medflow.synthesis.config import AlignConfig, SynthConfig
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.reward import FeatureEncoder, feature_scale
-from medflow.synthesis.sample import PREFIX, sample_dataset
+from medflow.synthesis.sample import PREFIX, real_pairs, sample_dataset
 from medflow.synthesis.tables import markdown, paired_difference, summarise
 from medflow.synthesis.train import train_synth
 
 EVAL_ENCODER_SEED = 1  # the reward's encoder has seed 0 by default
 ORACLE = "target labelled (oracle)"
-BASELINES = ("equal_steps", "real_masks", "augmented", "histogram")
+# what runs unless baselines are chosen; the translation arms cost an alignment per K each
+DEFAULT_BASELINES = ("equal_steps", "real_masks", "augmented", "histogram")
+BASELINES = (*DEFAULT_BASELINES, "translated", "translated_sdedit")
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,11 @@ class HarnessConfig:
         oracle: also train on the target's labelled training cases (upper bound).
         baselines: which of :data:`BASELINES` to run (module docstring).
         augment_copies: augmented copies of every source case in ``augmented``.
+        sdedit_start: the t0 that ``translated_sdedit`` translates real images from
+            (``AlignConfig.start_time``).
+        synthetic_fraction: the share of every training batch an arm with synthetic pairs
+            draws from them (``TrainConfig.synthetic_fraction``; 0: every slice alike, so
+            the share follows the counts, 96 synthetic to 96 real by default).
         segmenter: ``TrainConfig`` fields of the downstream segmenter.
         synth: ``SynthConfig`` fields of stage 1.
         align: ``AlignConfig`` fields of stage 2 (``k`` and ``seed`` are set per run).
@@ -84,8 +96,10 @@ class HarnessConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     n_synthetic: int = 96
     oracle: bool = True
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
     augment_copies: int = 1
+    sdedit_start: float = 0.5
+    synthetic_fraction: float = 0.0
     segmenter: dict = field(default_factory=lambda: {"size": 64, "steps": 200, "val_fraction": 0})
     synth: dict = field(default_factory=dict)
     align: dict = field(default_factory=dict)
@@ -96,6 +110,10 @@ class HarnessConfig:
             raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
         if not self.seeds or self.augment_copies < 1 or self.n_synthetic < 1:
             raise ValueError("need seeds, augment_copies >= 1 and n_synthetic >= 1")
+        if not 0.0 < self.sdedit_start < 1.0:
+            raise ValueError(f"sdedit_start must be in (0, 1), got {self.sdedit_start}")
+        if not 0.0 <= self.synthetic_fraction < 1.0:
+            raise ValueError(f"synthetic_fraction must be in [0, 1), got {self.synthetic_fraction}")
 
 
 def _check_target(target: Path) -> None:
@@ -168,7 +186,8 @@ class _Harness:
     reuse: bool
     say: Callable[[str], None]
     built: dict = field(default_factory=dict)
-    alignment: dict = field(default_factory=dict)  # K -> seed -> align.json
+    # K (mask-flow route) or "<synthetic set>" (real-mask routes) -> seed -> align.json
+    alignment: dict = field(default_factory=dict)
 
     def dataset(self, name: str, make: Callable[[Path], object]) -> Path:
         """``out/datasets/<name>``, made by ``make(path)`` once per run (read back with
@@ -208,22 +227,19 @@ def _unaligned(h: _Harness, seed: int, steps: int | None = None) -> Path:
     return h.dataset(f"{name}_seed{seed}", lambda p: h.sample(h.stage1, p, seed, steps=steps))
 
 
+def _real_draw(h: _Harness, seed: int) -> dict:
+    """``n_synthetic`` real source masks and their images (drawn without replacement while
+    they last, at the stage-1 model's size), as ``sample_dataset`` arguments; every arm on
+    real masks draws the same ones for a seed."""
+    masks, images = real_pairs(h.source, SynthModel.load(h.stage1), h.cfg.n_synthetic, seed)
+    return {"masks": masks, "images": images}
+
+
 def _real_masks(h: _Harness, seed: int) -> Path:
-    """Stage-1 images for ``n_synthetic`` real source masks (drawn without replacement while
-    they last, at the stage-1 model's size)."""
+    """Stage-1 images for the real source masks of :func:`_real_draw`."""
 
     def make(path: Path) -> None:
-        model = SynthModel.load(h.stage1)
-        spec = load_dataset(h.source)
-        masks = load_slices(spec.training, model.prep, spec.num_classes).masks
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.cat(
-            [
-                torch.randperm(len(masks), generator=gen)
-                for _ in range(-(-h.cfg.n_synthetic // len(masks)))
-            ]
-        )
-        h.sample(h.stage1, path, seed, masks=masks[order[: h.cfg.n_synthetic]])
+        h.sample(h.stage1, path, seed, masks=_real_draw(h, seed)["masks"])
 
     return h.dataset(f"real_masks_seed{seed}", make)
 
@@ -244,23 +260,65 @@ def _histogram(h: _Harness, seed: int, k: int) -> Path:
     return h.dataset(f"histmatch_k{k}", make)  # deterministic: one for every replicate
 
 
-def _aligned(h: _Harness, seed: int, k: int) -> Path:
-    aligned = h.out / "synth" / f"align_k{k}_seed{seed}" / "synth.pt"
-    done = seed in h.alignment.get(k, {}) or (h.reuse and aligned.exists())
+@dataclass(frozen=True)
+class _Route:
+    """How stage 2 (and the sampling after it) gets its masks and starts its sampler
+    (``AlignConfig.masks``, ``AlignConfig.start_time``)."""
+
+    masks: str = "flow"
+    start_time: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """The synthetic set's name without K: ``aligned``, ``translated``,
+        ``translated t0=0.5``."""
+        if self.masks == "flow":
+            return "aligned"
+        return "translated" + (f" t0={self.start_time:g}" if self.start_time else "")
+
+    def names(self, k: int, seed: int) -> tuple[str, str]:
+        """The alignment's run folder and the dataset's folder: distinct per route, so that
+        ``reuse`` reads back the alignment of this route and no other."""
+        if self.masks == "flow":
+            return f"align_k{k}_seed{seed}", f"aligned_k{k}_seed{seed}"
+        t0 = f"_t{self.start_time:g}" if self.start_time else ""
+        return f"translate{t0}_k{k}_seed{seed}", f"translated{t0}_k{k}_seed{seed}"
+
+
+FLOW = _Route()  # stage 2 as first built: mask-flow masks, sampler from noise
+
+
+def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
+    """Source + pairs of the model aligned to the first ``k`` references along ``route``,
+    sampled for mask-flow masks, or for the real masks (and images) of :func:`_real_draw`.
+    Its ``align.json`` is kept under ``k`` (mask-flow route, as before the other routes) or
+    the synthetic set's name."""
+    run, name = route.names(k, seed)
+    aligned = h.out / "synth" / run / "synth.pt"
+    key = k if route == FLOW else f"{route.label} K={k}"
+    done = seed in h.alignment.get(key, {}) or (h.reuse and aligned.exists())
     if not done:
-        h.say(f"stage 2: aligning to K={k} reference(s), seed {seed}")
+        what = "" if route == FLOW else f" ({route.label})"
+        h.say(f"stage 2{what}: aligning to K={k} reference(s), seed {seed}")
+        fields = {"k": k, "seed": seed, "masks": route.masks, "start_time": route.start_time}
         align(
             h.stage1,
             h.target / "references",
             aligned.parent,
-            AlignConfig(**{**h.cfg.align, "k": k, "seed": seed}),
+            AlignConfig(**{**h.cfg.align, **fields}),
+            source=h.source if route.masks == "real" else None,
             device=h.device,
             force=True,
             quiet=True,
         )
     record = json.loads((aligned.parent / "align.json").read_text())
-    h.alignment.setdefault(k, {})[seed] = record
-    return h.dataset(f"aligned_k{k}_seed{seed}", lambda p: h.sample(aligned, p, seed))
+    h.alignment.setdefault(key, {})[seed] = record
+
+    def make(path: Path) -> None:
+        draw = _real_draw(h, seed) if route.masks == "real" else {}
+        h.sample(aligned, path, seed, **draw)
+
+    return h.dataset(name, make)
 
 
 @dataclass(frozen=True)
@@ -285,6 +343,10 @@ class Condition:
 def conditions(cfg: HarnessConfig, stage1_steps: int) -> list[Condition]:
     """The harness's arms, in table order: an arm is one entry here."""
     steps = AlignConfig(**cfg.align).sampler_steps
+    translations = [
+        (_Route("real"), "translated"),
+        (_Route("real", cfg.sdedit_start), "translated_sdedit"),
+    ]
     arms = [
         Condition("source", _source),
         Condition("source+unaligned", _unaligned, "unaligned"),
@@ -306,6 +368,16 @@ def conditions(cfg: HarnessConfig, stage1_steps: int) -> list[Condition]:
             Condition(f"source+aligned K={k}", partial(_aligned, k=k), f"aligned K={k}")
             for k in cfg.ks
         ),
+        *(
+            Condition(
+                f"source+{route.label} K={k}",
+                partial(_aligned, k=k, route=route),
+                f"{route.label} K={k}",
+                baseline,
+            )
+            for route, baseline in translations
+            for k in cfg.ks
+        ),
     ]
     if cfg.oracle:
         arms.append(Condition(ORACLE, _target))
@@ -317,7 +389,10 @@ def conditions(cfg: HarnessConfig, stage1_steps: int) -> list[Condition]:
 def contrasts(conds: list[Condition], rows: list[dict], ks) -> list[dict]:
     """Paired differences that answer the reviewer's questions: every aligned K against the
     unaligned sets (with the aligned sampler's steps first: same steps, only the alignment
-    differs), against strong augmentation and against histogram matching to the same K."""
+    differs), against strong augmentation and against histogram matching to the same K;
+    then every translated K against stage-1 images for real masks (only the alignment
+    differs) and against aligned (only the masks differ), and the translation from t0
+    against the one from noise (only the start differs)."""
     names = {c.name for c in conds}
     out = []
     for k in ks:
@@ -325,7 +400,28 @@ def contrasts(conds: list[Condition], rows: list[dict], ks) -> list[dict]:
         unaligned = [c.name for c in conds if c.name.startswith("source+unaligned")]
         others = [*reversed(unaligned), "source+augmented", f"source hist-matched K={k}"]
         out += [paired_difference(rows, aligned, b) for b in others if b in names]
+    for k in ks:
+        translated = f"source+translated K={k}"
+        sdedit = [
+            c.name
+            for c in conds
+            if c.baseline == "translated_sdedit" and c.name.endswith(f" K={k}")
+        ]
+        pairs = [
+            (translated, "source+stage-1 on real masks"),
+            (translated, f"source+aligned K={k}"),
+            *((name, translated) for name in sdedit),
+        ]
+        out += [paired_difference(rows, a, b) for a, b in pairs if a in names and b in names]
     return out
+
+
+def _segmenter(cfg: HarnessConfig, cond: Condition) -> dict:
+    """The segmenter's ``TrainConfig`` fields for ``cond``: with ``synthetic_fraction``, an
+    arm that adds synthetic pairs draws that share of every batch from them."""
+    if cond.synthetic is None or not cfg.synthetic_fraction:
+        return cfg.segmenter
+    return {**cfg.segmenter, "synthetic_fraction": cfg.synthetic_fraction}
 
 
 def run_alignflow(
@@ -366,7 +462,13 @@ def run_alignflow(
     rows = []
     for seed in cfg.seeds:  # replicate by replicate: its datasets, then its segmenters
         arms = [
-            Arm(c.name, c.build(h, seed), cfg.segmenter, test=target, tags={"condition": c.name})
+            Arm(
+                c.name,
+                c.build(h, seed),
+                _segmenter(cfg, c),
+                test=target,
+                tags={"condition": c.name},
+            )
             for c in conds
         ]
         rows += run_protocol(

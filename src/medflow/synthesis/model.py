@@ -3,7 +3,9 @@ samples as a dataset that ``medflow train`` reads like the source.
 
 Written after stage 1 (``synth train``) and again after stage 2 (``synth align``, with the
 fine-tuned image flow and an ``alignment`` record). Read with ``weights_only`` like every
-medflow checkpoint.
+medflow checkpoint. The mask flow's options (encoding, slice positions, clean-up) are the
+optional ``mask_flow`` record; a checkpoint written before it existed reads as a one-hot
+flow without positions or clean-up, as it was trained.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class SynthModel:
             "background_level": self.background_level,
             "sample_steps": self.sample_steps,
             "alignment": self.alignment,
+            "mask_flow": self.mask_flow.options(),
         }
         return save_checkpoint(path, payload, REQUIRED)
 
@@ -128,7 +131,7 @@ class SynthModel:
                 net.load_state_dict(ckpt[key]["state"])
                 nets.append(net.eval())
             model = cls(
-                mask_flow=MaskFlow(nets[0]),
+                mask_flow=MaskFlow.from_options(nets[0], ckpt.get("mask_flow")),
                 image_flow=ImageFlow(nets[1]),
                 prep=Preprocessing.from_dict(ckpt["preprocessing"]),
                 labels={str(k): int(v) for k, v in ckpt["labels"].items()},

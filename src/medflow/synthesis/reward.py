@@ -1,20 +1,37 @@
 """The alignment reward: squared MMD between features of generated images and of K unlabeled
-reference images from the target site, in the feature space of a frozen random encoder.
+reference images from the target site, in the feature space of a frozen encoder.
 
-Why a random encoder: random multi-scale convolutions with a ReLU keep the texture and
-intensity statistics of an image (Ustyuzhaninov et al. 2017, "What does it take to generate
-natural textures?"), they need neither a download nor a training run, and the same seed gives
-the same encoder on any machine. A segmenter's features would be a worse choice: they are
-trained to be invariant to exactly the intensity changes this reward must see.
+The encoder's features come in named groups (:class:`FeatureEncoder`, chosen by
+``AlignConfig.reward_features``); each group is weighted equally by :func:`feature_scale`.
+The default groups, the encoder's original features, are random-conv style statistics and
+intensity statistics. Why a random encoder: random multi-scale convolutions with a ReLU keep
+the texture and intensity statistics of an image (Ustyuzhaninov et al. 2017, "What does it
+take to generate natural textures?"), they need neither a download nor a training run, and
+the same seed gives the same encoder on any machine.
 
-What the features are meant to see, per site difference:
+What each group is meant to see, per site difference:
 
-* gamma / contrast change: the soft intensity histogram and the moments (tissue peaks move);
-* noise: the spread of the full-resolution filter responses (more high-frequency energy);
-* lower resolution (blur): the same responses, the other way (less high-frequency energy);
-* bias field: a broadened histogram and the coarse levels' spatial spread. This is the
-  weakest of the four: with few references it shows only once the field is strong, and
-  the spatially pooled statistics have no feature made for a smooth gain.
+* gamma / contrast change: ``"moments"`` and ``"histogram"`` (tissue peaks move), and
+  ``"fine_histogram"`` (48 narrower bins, for small peak shifts);
+* noise: the spread of the full-resolution conv responses (``"style"``) and the fine bands
+  of ``"laplacian"`` (more high-frequency energy);
+* lower resolution (blur): the same, the other way (less high-frequency energy);
+* bias field: ``"lowfreq"``, the spread across the image of the local mean within each
+  intensity class, made for a smooth gain and blind to a global one. The default groups see
+  a bias only through a broadened histogram and the coarse levels' spatial spread, the
+  weakest of their four.
+
+``benchmarks/reward_features.py`` measures how far each group alone puts the simulated
+site-b from the source, relative to the spread between slabs of one site (docs/ALIGNFLOW.md):
+``"lowfreq"`` separates it best; ``"laplacian"`` sees every component of the shift alone but
+hardly their sum, whose effects on the band energies nearly cancel.
+
+Not built: a group of the source segmenter's early features (the issue's suggestion: a
+segmenter that fails on the target is not invariant to the shift). Loading a medflow
+segmenter checkpoint is ``medflow.segmentation``'s job (its methods and network config),
+which ``synthesis`` must not import for the reward; a flow segmenter's first layer mixes the
+image with the flow state and time, so its "early features" need a choice of both; and the
+harness trains the source segmenter only after the alignments it would have to feed.
 
 ``synth align`` computes the features on the images as the segmenter will see them
 (:mod:`medflow.synthesis.view`) and over the tissue only (a foreground mask), so the
@@ -31,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medflow.metrics.distribution import MEDIAN_MULTIPLES, median_distance, mmd2
+from medflow.synthesis.config import DEFAULT_REWARD_FEATURES, check_reward_features
 
 # added to variances before a square root: the gradient of sqrt at 0 is infinite, and a flat
 # image (or a filter that never fires on one) has zero spatial variance
@@ -40,6 +58,20 @@ _VAR_EPS = 1e-6
 # a feature that is constant over the pool (the mean and std of z-scored images) is not
 # divided by ~0 and turned into amplified rounding noise
 _FLOOR = 0.1
+
+# "fine_histogram": bins over the histogram's range (value_range); 48 over (-4, 4) puts a
+# centre every 0.17 tissue standard deviations, three times as many as the 16 default bins
+FINE_BINS = 48
+# "laplacian": pyramid levels; 4 reach a band of ~16 pixels, coarser bands mostly see anatomy
+LAPLACIAN_LEVELS = 4
+_BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)  # Burt and Adelson's 5-tap approximation of a Gaussian
+# "lowfreq": intensity classes, centred at -1, 0, 1 tissue standard deviations from the
+# tissue mean (kernel width: half their spacing, as the histograms'), and the grid of cells
+# the class means are compared over (cells of 16 x 16 pixels at 64 x 64)
+LOWFREQ_CLASSES = 3
+LOWFREQ_SPAN = 1.0
+LOWFREQ_GRID = 4
+_LOWFREQ_SIGMA = LOWFREQ_SPAN / (LOWFREQ_CLASSES - 1)
 
 
 def _weighted_stats(flat: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,38 +94,55 @@ def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureEncoder(nn.Module):
-    """Frozen, seeded, randomly initialised multi-scale conv encoder: images -> style vectors.
+    """Frozen, seeded feature extractor: images -> feature vectors made of named groups.
 
-    Layers: ``len(widths)`` conv3x3 + ReLU, the first with stride 1 and the others with stride
-    2, replicate padding (zero padding would add a fake edge at the border of any image whose
-    background is not 0, as z-scored ones are not). Weights are He-normal and biases
-    PyTorch's default uniform range, both drawn from ``torch.Generator().manual_seed(seed)``.
+    The groups (``features``, concatenated in the order named; :attr:`groups` gives their
+    sizes for :func:`feature_scale`), per input channel ``C``:
 
-    Features, concatenated in this order (see :attr:`groups`), per input channel ``C``:
+    * ``"moments"``: mean, std, skewness, excess kurtosis of the raw intensities (``4 C``);
+    * ``"histogram"``: a soft intensity histogram (``bins * C``): each pixel is spread over
+      ``bins`` centres in ``value_range`` by a softmax of ``-(x - c)^2 / (2 s^2)``, ``s``
+      half the bin spacing, so it sums to 1 per channel and is differentiable; values outside
+      the range land in the end bins;
+    * ``"style"``: per level of a random conv net of ``widths``, the spatial mean and std of
+      each channel's activation (``2 w`` per level, one group per level; the style statistics
+      of Gatys/Huang and Belongie's AdaIN);
+    * ``"fine_histogram"``: the same soft histogram with :data:`FINE_BINS` bins over the same
+      range, so narrower kernels (``FINE_BINS * C``): it resolves peak shifts (a contrast
+      change) that the coarse bins average over;
+    * ``"laplacian"``: per level of a :data:`LAPLACIAN_LEVELS`-level Laplacian pyramid, the log
+      of the tissue's mean squared band-pass response (``LAPLACIAN_LEVELS * C``): blur lowers
+      the fine bands' energy, noise raises it (:meth:`_laplacian`);
+    * ``"lowfreq"``: the spatial spread of the coarse local mean within each of
+      :data:`LOWFREQ_CLASSES` intensity classes (``LOWFREQ_CLASSES * C``), which sees a smooth
+      multiplicative bias and hardly where the tissue lies (:meth:`_lowfreq`).
 
-    * moments of the raw intensities: mean, std, skewness, excess kurtosis (``4 C``);
-    * a soft intensity histogram (``bins * C``): each pixel is spread over ``bins`` centres in
-      ``value_range`` by a softmax of ``-(x - c)^2 / (2 s^2)``, ``s`` half the bin spacing,
-      so it sums to 1 per channel and is differentiable; values outside the range land in
-      the end bins;
-    * per conv level ``w``, the spatial mean and std of each channel's activation
-      (``2 w``; the style statistics of Gatys/Huang and Belongie's AdaIN).
+    The default ``features`` are the first three, the encoder's original features, computed
+    exactly as before. The conv net is built, from ``seed``, whatever the selection, so a
+    seed gives the same weights with any ``features``. Conv layers: ``len(widths)`` conv3x3 +
+    ReLU, the first with stride 1 and the others with stride 2, replicate padding (zero
+    padding would add a fake edge at the border of any image whose background is not 0, as
+    z-scored ones are not). Weights are He-normal and biases PyTorch's default uniform range,
+    both drawn from ``torch.Generator().manual_seed(seed)``.
 
-    With a foreground ``mask``, every statistic (moments, histogram, each level's spatial
-    mean and std) is taken over the foreground pixels only (the mask area-averaged to each
-    level's resolution), so the features describe the tissue and not how much of the frame
-    the background fills; the convolutions still see the whole image, edges included.
+    With a foreground ``mask``, every statistic is taken over the foreground pixels only (the
+    mask area-averaged to each resolution), so the features describe the tissue and not how
+    much of the frame the background fills; the convolutions still see the whole image,
+    edges included, while the pyramid and the class means of ``"laplacian"`` and
+    ``"lowfreq"`` average over tissue only (normalised convolution), so the head's outline
+    does not count as image detail.
 
     The encoder expects z-scored images (``value_range`` and the He scaling assume intensities
-    of order 1), accepts any ``H, W >= 1``, is differentiable w.r.t. its input, and stays in
-    eval mode and frozen whatever a parent module does.
+    of order 1), accepts any ``H, W >= 1``, is differentiable w.r.t. its input, has no
+    trainable parameters, and stays in eval mode and frozen whatever a parent module does.
 
     Args:
         in_channels: image channels ``C``.
         widths: channels of the conv levels.
         seed: seed of the weights.
         bins: soft-histogram bins per channel.
-        value_range: centres of the first and the last bin.
+        value_range: centres of the first and the last bin (both histograms).
+        features: the groups, by name (:data:`~medflow.synthesis.config.REWARD_FEATURES`).
 
     Shapes: ``(B, C, H, W)`` and an optional ``(B, 1, H, W)`` mask -> ``(B, feature_dim)``.
     """
@@ -105,36 +154,29 @@ class FeatureEncoder(nn.Module):
         seed: int = 0,
         bins: int = 16,
         value_range: tuple[float, float] = (-4.0, 4.0),
+        features: Sequence[str] = DEFAULT_REWARD_FEATURES,
     ) -> None:
         super().__init__()
         if in_channels < 1 or not widths or min(widths) < 1:
             raise ValueError(f"need in_channels >= 1 and widths >= 1, got {in_channels}, {widths}")
         if bins < 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"need bins >= 2 and an increasing range, got {bins}, {value_range}")
-        gen = torch.Generator().manual_seed(seed)
-        convs = []
-        c_in = in_channels
-        for i, width in enumerate(widths):
-            conv = nn.Conv2d(
-                c_in, width, 3, stride=1 if i == 0 else 2, padding=1, padding_mode="replicate"
-            )
-            fan_in = c_in * 9
-            with torch.no_grad():
-                # He scaling keeps the activations of order 1 at every depth behind a ReLU
-                conv.weight.copy_(
-                    torch.randn(conv.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in)
-                )
-                # random biases make the units fire at different intensity levels; with zero
-                # biases every unit would scale linearly with the contrast
-                conv.bias.copy_((2.0 * torch.rand(width, generator=gen) - 1.0) / math.sqrt(fan_in))
-            convs.append(conv)
-            c_in = width
-        self.convs = nn.ModuleList(convs)
+        self.features = check_reward_features(features)
+        self.convs = _random_convs(in_channels, widths, seed)
         self.in_channels = in_channels
         self.widths = tuple(widths)
         lo, hi = value_range
+        # buffers, not persistent: a state dict holds the conv weights only, as before
         self.register_buffer("centres", torch.linspace(lo, hi, bins), persistent=False)
         self.bin_sigma = (hi - lo) / (bins - 1) / 2.0
+        self.register_buffer("fine_centres", torch.linspace(lo, hi, FINE_BINS), persistent=False)
+        self.fine_sigma = (hi - lo) / (FINE_BINS - 1) / 2.0
+        self.register_buffer("binomial", torch.tensor(_BINOMIAL) / 16.0, persistent=False)
+        self.register_buffer(
+            "class_centres",
+            torch.linspace(-LOWFREQ_SPAN, LOWFREQ_SPAN, LOWFREQ_CLASSES),
+            persistent=False,
+        )
         self.requires_grad_(False)
         self.eval()
 
@@ -144,9 +186,17 @@ class FeatureEncoder(nn.Module):
 
     @property
     def groups(self) -> tuple[int, ...]:
-        """Sizes of the feature groups, in output order: moments, histogram, one per level."""
+        """Sizes of the feature groups, in output order (``"style"`` is one group per level)."""
         c = self.in_channels
-        return (4 * c, len(self.centres) * c, *(2 * w for w in self.widths))
+        sizes = {
+            "moments": (4 * c,),
+            "histogram": (len(self.centres) * c,),
+            "style": tuple(2 * w for w in self.widths),
+            "fine_histogram": (FINE_BINS * c,),
+            "laplacian": (LAPLACIAN_LEVELS * c,),
+            "lowfreq": (LOWFREQ_CLASSES * c,),
+        }
+        return tuple(size for name in self.features for size in sizes[name])
 
     @property
     def feature_dim(self) -> int:
@@ -163,19 +213,22 @@ class FeatureEncoder(nn.Module):
                 f"mask must be (B, 1, H, W) = {(x.shape[0], 1, *x.shape[2:])}, "
                 f"got {tuple(mask.shape)}"
             )
-        return torch.cat([*self._intensity(x, mask), *self._style(x, mask)], dim=1)
+        parts = [part for name in self.features for part in getattr(self, f"_{name}")(x, mask)]
+        return torch.cat(parts, dim=1)
 
-    def _intensity(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
-        b = x.shape[0]
+    def _moments(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         flat, w = x.flatten(2), _weights(mask, x)
         mean, std = _weighted_stats(flat, w)
         z = (flat - mean[..., None]) / std[..., None]
         n = w.sum(2)
         skew, kurt = (z.pow(3) * w).sum(2) / n, (z.pow(4) * w).sum(2) / n - 3.0
-        moments = torch.stack([mean, std, skew, kurt], dim=2)
-        logits = -((flat[..., None] - self.centres) ** 2) / (2.0 * self.bin_sigma**2)
-        hist = (logits.softmax(-1) * w[..., None]).sum(2) / n[..., None]
-        return [moments.reshape(b, -1), hist.reshape(b, -1)]
+        return [torch.stack([mean, std, skew, kurt], dim=2).reshape(x.shape[0], -1)]
+
+    def _histogram(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        return [_soft_histogram(x, _weights(mask, x), self.centres, self.bin_sigma)]
+
+    def _fine_histogram(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        return [_soft_histogram(x, _weights(mask, x), self.fine_centres, self.fine_sigma)]
 
     def _style(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         feats = []
@@ -184,6 +237,119 @@ class FeatureEncoder(nn.Module):
             h = F.relu(conv(h))
             feats += list(_weighted_stats(h.flatten(2), _weights(mask, h)))
         return feats
+
+    def _laplacian(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Band energies of a Laplacian (difference-of-Gaussians) pyramid over the tissue.
+
+        Level ``l`` holds ``g_l`` (``g_0 = x``) and the tissue weight ``w_l``; its band is
+        ``g_l - L_l`` with ``L_l = blur(w_l g_l) / blur(w_l)`` the local tissue mean (a 5-tap
+        binomial blur), and ``g_{l+1}, w_{l+1}`` are ``L_l, blur(w_l)`` subsampled by 2. The
+        feature is ``log(mean over tissue of band^2)``. The normalised convolution keeps the
+        background out of the local mean, so the head's outline is no band energy; the log
+        makes a factor (twice the noise power) count the same at every level.
+        """
+        g, w = x, _tissue(mask, x)
+        energies = []
+        for _ in range(LAPLACIAN_LEVELS):
+            blurred_w = _blur(w, self.binomial)
+            local = _blur(g * w, self.binomial) / blurred_w.clamp_min(_VAR_EPS)
+            energy = ((g - local) ** 2 * w).sum((2, 3)) / w.sum((2, 3))
+            energies.append(torch.log(energy + _VAR_EPS))
+            g, w = local[..., ::2, ::2], blurred_w[..., ::2, ::2]
+        return [torch.stack(energies, dim=2).reshape(x.shape[0], -1)]
+
+    def _lowfreq(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """How much the coarse local mean of each intensity class varies across the image.
+
+        A smooth gain ``b(r)`` scales all tissue at ``r`` by the same slowly varying factor,
+        so the local mean of one tissue class follows ``b`` across the image; without a
+        field it is about the same wherever that class lies. Raw coarse means would mostly
+        say which tissue a cell holds, which changes from slice to slice; conditioning on
+        the class takes the anatomy out. Per image and channel:
+
+        1. the tissue is z-scored again, so a global gain and offset drop out exactly;
+        2. each tissue pixel is shared among :data:`LOWFREQ_CLASSES` classes by a softmax of
+           Gaussian kernels around centres at ``-LOWFREQ_SPAN .. LOWFREQ_SPAN``;
+        3. over a ``LOWFREQ_GRID x LOWFREQ_GRID`` grid of cells, class ``k``'s mean ``m_kj``
+           in cell ``j`` and its mass ``n_kj`` (the cell's share of class ``k``);
+        4. the feature is the std over cells of ``m_kj``, cell ``j`` weighted by ``n_kj^2``:
+           the square makes a cell that holds only the soft tail of a class (other tissue's
+           small share of it) count little, where it would report that other tissue's
+           intensity as the class's mean.
+
+        Limits: the classes are intensity bands, not tissues, so a strong field also moves
+        pixels between them and the spread saturates; a contrast change (gamma) reshapes
+        the bands' contents and changes the feature too, and blur (partial volume at
+        edges) a little. It sees a bias best of the groups, not only a bias.
+        """
+        b, c, h, wd = x.shape
+        w = _weights(mask, x)  # (B, 1, H*W)
+        mean, std = _weighted_stats(x.flatten(2), w)
+        z = (x - mean[..., None, None]) / std[..., None, None]
+        logits = -((z[..., None] - self.class_centres) ** 2) / (2.0 * _LOWFREQ_SIGMA**2)
+        # (B, C, H, W, K) -> (B, C * K, H, W): each tissue pixel's share of each class
+        share = (logits.softmax(-1) * w.view(b, 1, h, wd, 1)).permute(0, 1, 4, 2, 3)
+        share = share.reshape(b, c * LOWFREQ_CLASSES, h, wd)
+        zk = z.repeat_interleave(LOWFREQ_CLASSES, dim=1)
+        grid = (min(LOWFREQ_GRID, h), min(LOWFREQ_GRID, wd))
+        mass = F.adaptive_avg_pool2d(share, grid).flatten(2)
+        local = F.adaptive_avg_pool2d(share * zk, grid).flatten(2) / mass.clamp_min(_VAR_EPS)
+        weight = mass**2
+        total = weight.sum(2, keepdim=True).clamp_min(_VAR_EPS**2)
+        centre = (local * weight).sum(2, keepdim=True) / total
+        spread = ((local - centre) ** 2 * weight).sum(2) / total[..., 0]
+        return [(spread + _VAR_EPS).sqrt().reshape(b, -1)]
+
+
+def _random_convs(in_channels: int, widths: Sequence[int], seed: int) -> nn.ModuleList:
+    """The conv levels of :class:`FeatureEncoder`, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    convs = []
+    c_in = in_channels
+    for i, width in enumerate(widths):
+        conv = nn.Conv2d(
+            c_in, width, 3, stride=1 if i == 0 else 2, padding=1, padding_mode="replicate"
+        )
+        fan_in = c_in * 9
+        with torch.no_grad():
+            # He scaling keeps the activations of order 1 at every depth behind a ReLU
+            conv.weight.copy_(
+                torch.randn(conv.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in)
+            )
+            # random biases make the units fire at different intensity levels; with zero
+            # biases every unit would scale linearly with the contrast
+            conv.bias.copy_((2.0 * torch.rand(width, generator=gen) - 1.0) / math.sqrt(fan_in))
+        convs.append(conv)
+        c_in = width
+    return nn.ModuleList(convs)
+
+
+def _soft_histogram(
+    x: torch.Tensor, w: torch.Tensor, centres: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """Soft histogram ``(B, C * bins)`` of ``x`` ``(B, C, H, W)`` with pixel weights ``w``
+    ``(B, 1, H*W)`` over ``centres`` ``(bins,)`` (softmax of Gaussian kernels of ``sigma``)."""
+    flat, n = x.flatten(2), w.sum(2)
+    logits = -((flat[..., None] - centres) ** 2) / (2.0 * sigma**2)
+    hist = (logits.softmax(-1) * w[..., None]).sum(2) / n[..., None]
+    return hist.reshape(x.shape[0], -1)
+
+
+def _tissue(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Full-resolution tissue weights ``(B, 1, H, W)``: ``mask``, or ones (also for an image
+    without foreground, as :func:`_weights`)."""
+    b, _, h, w = like.shape
+    return _weights(mask, like).view(b, 1, h, w)
+
+
+def _blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable blur of each channel of ``x`` ``(B, C, H, W)`` with ``taps`` ``(5,)``,
+    replicate padding (as the conv levels: no fake edge at the frame's border)."""
+    c = x.shape[1]
+    taps = taps.to(x.dtype)
+    rows, cols = taps.view(1, 1, 1, 5).expand(c, 1, 1, 5), taps.view(1, 1, 5, 1).expand(c, 1, 5, 1)
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), rows, groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), cols, groups=c)
 
 
 def feature_scale(features: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:

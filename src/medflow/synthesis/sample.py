@@ -8,6 +8,12 @@ volumes (:func:`case_groups`), because a dataset holds 2D images or volumes, not
 labelled training cases are copied in as well, so the folder is "real + synthetic", ready
 for ``medflow train``.
 
+Real masks. With ``masks`` the images are generated for given label maps instead, e.g. the
+source's own (:func:`real_pairs`: drawn without replacement while they last). A model
+aligned to translate (``AlignConfig.start_time`` t0 > 0, recorded in its ``alignment``)
+starts each image from its real image partly noised to t0, so it is sampled only with the
+real ``images`` of those masks beside them.
+
 Intensities. Generated images are normalised intensities. Where the source has an exact
 zero background (skull-stripped MRI), the z-score of ``medflow train`` runs over nonzero
 voxels only; a sample is therefore written shifted so that the source's background level is
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medflow.data.datasets import load_slices
 from medflow.data.io import (
     NIFTI_ENDINGS,
     PNG_ENDINGS,
@@ -39,13 +46,62 @@ from medflow.data.io import (
     write_volume,
 )
 from medflow.data.layout import load_dataset
+from medflow.data.naming import SYNTHETIC_PREFIX
 from medflow.engine.runtime import progress, resolve_device
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.preview import save_grid
 from medflow.synthesis.view import BACKGROUND_TOLERANCE
 
-PREFIX = "synth"
+PREFIX = SYNTHETIC_PREFIX  # case ids synth_00000, ...: what TrainConfig.synthetic_fraction finds
+
+
+def start_time(model: SynthModel) -> float:
+    """Where the model's sampler starts: the t0 its alignment translated from, 0 (noise) for
+    a stage-1 model and for alignments recorded before translation existed."""
+    return float((model.alignment or {}).get("start_time", 0.0))
+
+
+def draw_order(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` indices into ``count`` items, random permutations one after another: every item
+    is drawn once before any is drawn twice."""
+    rounds = -(-n // count)
+    return torch.cat([torch.randperm(count, generator=generator) for _ in range(rounds)])[:n]
+
+
+def source_slices(source: str | Path, model: SynthModel):
+    """The labelled training slices of ``source`` (masks ``(N, H, W)``, images
+    ``(N, C, H, W)``) prepared with the model's preprocessing, as stage 1 trained on them.
+
+    Raises:
+        MedflowError: a dataset without labelled cases, or with other labels or channels
+            than the model's.
+    """
+    spec = load_dataset(source)
+    problem = None
+    if not spec.training:
+        problem = "has no labelled training cases"
+    elif dict(spec.labels) != dict(model.labels):
+        problem = f"has labels {dict(spec.labels)}, the synthesis model {dict(model.labels)}"
+    elif len(spec.channel_names) != len(model.channel_names):
+        problem = f"has {len(spec.channel_names)} channel(s), the synthesis model "
+        problem += str(len(model.channel_names))
+    if problem:
+        raise MedflowError(f"{source}: {problem}; give the model's labelled source dataset")
+    return load_slices(spec.training, model.prep, spec.num_classes)
+
+
+def real_pairs(
+    source: str | Path, model: SynthModel, n: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` real (mask ``(n, H, W)``, image ``(n, C, H, W)``) training pairs of ``source``
+    at the model's size, drawn with ``seed`` by :func:`draw_order` (several draws of a mask
+    when ``n`` exceeds the slices)."""
+    if n < 1:
+        raise MedflowError(f"--n must be >= 1, got {n}")
+    slices = source_slices(source, model)
+    order = draw_order(len(slices), n, torch.Generator().manual_seed(seed))
+    return slices.masks[order], slices.images[order]
 
 
 def to_raw(image: np.ndarray, background_level: float | None, ending: str) -> np.ndarray:
@@ -117,6 +173,7 @@ def sample_dataset(
     per_case: int = 8,
     include_source: str | Path | None = None,
     masks: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
     device: str = "auto",
     force: bool = False,
     quiet: bool = False,
@@ -124,11 +181,15 @@ def sample_dataset(
     """Write ``n`` synthetic pairs (and, optionally, the source's training cases) to ``out``
     as an nnU-Net raw dataset; returns its ``dataset.json``. With ``masks`` ``(n, H, W)``
     (label maps at the model's size), the images are generated for those masks instead of
-    for mask-flow samples."""
+    for mask-flow samples. ``images`` ``(n, C, H, W)``, the real images of those masks
+    prepared as stage 1 trained on them, are what a translating model (:func:`start_time`
+    > 0) starts from; a model that starts from noise does not use them."""
     if n < 1 or batch_size < 1:
         raise MedflowError(f"--n and --batch-size must be >= 1, got {n} and {batch_size}")
     if masks is not None and len(masks) != n:
         raise MedflowError(f"{len(masks)} masks given for n={n} pairs")
+    if images is not None and (masks is None or len(images) != n):
+        raise MedflowError(f"images are given with their masks, one per pair (n={n})")
     if steps is not None and steps < 1:
         raise MedflowError(f"--steps must be >= 1, got {steps}")
     out = Path(out)
@@ -136,13 +197,22 @@ def sample_dataset(
         raise OutputExistsError(out)
     model = SynthModel.load(checkpoint, resolve_device(device))
     steps = steps or model.sample_steps
+    start = start_time(model)
+    if start > 0 and images is None:
+        raise MedflowError(
+            f"{checkpoint}: translates real images from t0={start:g}; sample it for real "
+            "masks with their images (--real-masks DATA)"
+        )
+    shape = (len(model.channel_names), *model.size)
+    if images is not None and tuple(images.shape[1:]) != shape:
+        raise MedflowError(f"images of shape {tuple(images.shape[1:])} given, the model's {shape}")
 
     return build_folder(
         out,
         lambda tmp: _write(
             tmp,
             model,
-            _Draw(n, seed, steps, batch_size, masks),
+            _Draw(n, seed, steps, batch_size, masks, images if start > 0 else None, start),
             per_case,
             include_source,
             checkpoint,
@@ -154,26 +224,32 @@ def sample_dataset(
 @dataclass(frozen=True)
 class _Draw:
     """What to generate: ``n`` pairs from ``seed`` with ``steps`` image-flow steps in batches
-    of ``batch_size``, for mask-flow masks or for the given ``masks``."""
+    of ``batch_size``, for mask-flow masks or for the given ``masks``; from noise, or (for
+    ``start > 0``) from the given ``images`` partly noised to ``start``."""
 
     n: int
     seed: int
     steps: int
     batch_size: int
     masks: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    start: float = 0.0
 
 
 def _generate(model: SynthModel, draw: _Draw, mask_steps: int, quiet: bool):
     gen = torch.Generator().manual_seed(draw.seed)
     images, masks = [], []
     bar = progress(total=draw.n, quiet=quiet, desc="synth sample", unit="pair")
-    for start in range(0, draw.n, draw.batch_size):
-        b = min(draw.batch_size, draw.n - start)
+    for first in range(0, draw.n, draw.batch_size):
+        b = min(draw.batch_size, draw.n - first)
         if draw.masks is None:
             masks.append(model.mask_flow.sample(b, model.size, gen, mask_steps))
         else:
-            masks.append(draw.masks[start : start + b].to(torch.uint8))
-        images.append(model.image_flow.sample(masks[-1], gen, draw.steps))
+            masks.append(draw.masks[first : first + b].to(torch.uint8))
+        real = None if draw.images is None else draw.images[first : first + b]
+        images.append(
+            model.image_flow.sample(masks[-1], gen, draw.steps, start=draw.start, images=real)
+        )
         bar.update(b)
     bar.close()
     return torch.cat(images), torch.cat(masks)
@@ -234,6 +310,7 @@ def _write(
             "steps": draw.steps,
             "mask_steps": mask_steps if draw.masks is None else None,
             "masks": "mask flow" if draw.masks is None else "given",
+            "start_time": draw.start,
         },
     }
     atomic_write(tmp / "dataset.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
