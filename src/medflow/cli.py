@@ -399,6 +399,11 @@ def _add_bench(verbs) -> None:
     bn.add_argument("--device", default="auto")
     bn.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     bn.add_argument("--force", action="store_true", help="overwrite an earlier results.json")
+    bn.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read back runs already finished in --out with the same settings (resume)",
+    )
     bn.add_argument("--quiet", action="store_true")
 
 
@@ -772,7 +777,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.skip_settings:
         cfg = cfg.without_settings(args.skip_settings)
     configure_threads(args.threads)
-    record = run_bench(cfg, args.out, device=args.device, force=args.force, quiet=args.quiet)
+    record = run_bench(
+        cfg, args.out, device=args.device, force=args.force, quiet=args.quiet, reuse=args.reuse
+    )
     print(markdown_table(record["rows"]), end="")
     print(f"wrote {args.out / 'results.json'}, results.md, dice_vs_cost.png, curves.png")
     return 0

@@ -97,6 +97,29 @@ def test_bench_refuses_to_overwrite_results(benched):
         run_bench(cfg, root / "out", device="cpu", quiet=True)
 
 
+def test_reuse_reads_back_finished_runs_instead_of_training(benched, monkeypatch):
+    import medflow.segmentation.protocol as protocol
+
+    root, cfg, record = benched
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(protocol, "train", no_training)
+    # part of the earlier bench: one budget, two methods
+    part = dataclasses.replace(cfg, budgets=("steps",), methods=("unet", "medflowseg"))
+    again = run_bench(part, root / "out", device="cpu", quiet=True, reuse=True, force=True)
+    dice = {
+        (r["method"], r["setting"]): r["foreground"]
+        for r in record["rows"]
+        if r["budget"] == "steps"
+    }
+    assert {(r["method"], r["setting"]) for r in again["rows"]} == {
+        k for k in dice if k[0] in part.methods
+    }
+    assert all(r["foreground"] == dice[(r["method"], r["setting"])] for r in again["rows"])
+
+
 def test_config_names_a_bad_budget_or_a_method_without_settings():
     with pytest.raises(MedflowError, match="budget"):
         BenchConfig(budgets=("energy",))

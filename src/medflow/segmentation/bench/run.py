@@ -72,9 +72,18 @@ def _train_config(cfg: BenchConfig, method: str, **fields) -> TrainConfig:
 
 
 def run_bench(
-    cfg: BenchConfig, out: str | Path, *, device: str = "auto", force: bool = False, quiet=False
+    cfg: BenchConfig,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    force: bool = False,
+    quiet=False,
+    reuse: bool = False,
 ) -> dict:
-    """Run the benchmark into ``out``; returns the record written to ``results.json``."""
+    """Run the benchmark into ``out``; returns the record written to ``results.json``. With
+    ``reuse``, a run already finished in ``out`` with the same arm (data, training fields,
+    settings) is read back instead of trained again (an interrupted bench resumes; a bench
+    of fewer datasets or methods tabulates part of an earlier one)."""
     out = Path(out)
     if (out / "results.json").exists() and not force:
         raise OutputExistsError(out / "results.json")
@@ -83,7 +92,7 @@ def run_bench(
     for ds_name, data in _datasets(cfg, out, quiet).items():
         arms += _arms(cfg, ds_name, data, out, device)
     say = (lambda _: None) if quiet else print
-    rows = run_protocol(arms, cfg.seeds, out, device=device, say=say)
+    rows = run_protocol(arms, cfg.seeds, out, device=device, say=say, reuse=reuse)
     _add_curves(rows, out)
     record = results_record(rows, dataclasses.asdict(cfg), str(device))
     plot_dice_vs_cost(rows, out / "dice_vs_cost.png")
