@@ -539,7 +539,6 @@ def _write_record(
     record = {
         "model": str(predictor.path.resolve()),
         "method": predictor.method.name,
-        "flow": bool(predictor.net_cfg.flow),
         "options": dataclasses.asdict(sample_opts),
         # the mask's source: the one-evaluation posterior mean, or the samples fused
         "mask": (
