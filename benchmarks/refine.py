@@ -44,6 +44,10 @@ CONDITIONS = (
 )
 
 
+# the flow + UNet ensemble's arm (scored when both are among the conditions)
+ENSEMBLE = "medflowseg+unet"
+
+
 def settings(condition: Condition, steps: list[int], starts: list[float]) -> tuple:
     """Euler at every step count, refine at every step count above 1 and start."""
     from medflow.segmentation.inference import SamplingOptions
@@ -113,7 +117,12 @@ def summary(rows: list[dict]) -> dict:
                 b >= a for a, b in zip(ordered, ordered[1:])
             )
     unet = [d for (arm, _), d in means.items() if arm == "unet"]
-    flow = {k: d for k, d in means.items() if k[0] != "unet"}
+    # the ensemble is a reference point, not a flow setting
+    flow = {k: d for k, d in means.items() if k[0] != "unet" and k[1] != "ensemble"}
+    ensemble = [d for (_, setting), d in means.items() if setting == "ensemble"]
+    if ensemble and unet:
+        out["ensemble"] = ensemble[0]
+        out["ensemble_margin_points"] = 100 * (ensemble[0] - unet[0])
     if unet and flow:
         (arm, setting), best = max(flow.items(), key=lambda kv: kv[1])
         out["best_flow"] = {"arm": arm, "setting": setting, "dice": best}
@@ -160,7 +169,12 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="read back finished runs")
     args = parser.parse_args()
     from medflow.data.builtin import built
-    from medflow.segmentation.protocol import results_record, run_protocol, write_results
+    from medflow.segmentation.protocol import (
+        ensemble_rows,
+        results_record,
+        run_protocol,
+        write_results,
+    )
 
     # a time budget on the CPU clock: jobs sharing the machine do not eat it
     spend = (
@@ -172,6 +186,9 @@ def main() -> int:
     data = args.data or built("mni152-tissue", args.out / "data" / "mni152-tissue")
     protocol = arms(chosen, data, spend, args.size, args.predict_steps, args.refine_starts)
     rows = run_protocol(protocol, args.seeds, args.out, reuse=args.reuse, jobs=args.jobs)
+    if {"medflowseg", "unet"} <= {c.name for c in chosen}:
+        # the reference point of issue 15: one-step MedFlowSeg and the UNet, soft masks averaged
+        rows += ensemble_rows(rows, ["medflowseg", "unet"], ENSEMBLE, data, args.out)
     config = {
         "command": " ".join(sys.argv),
         "cores": len(os.sched_getaffinity(0)),

@@ -229,7 +229,14 @@ def _add_train(verbs) -> None:
 def _add_predict(verbs) -> None:
     """`medflow predict`."""
     p = verbs.add_parser("predict", help="predict label maps for a file or a folder")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint (.pt)")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="checkpoint (.pt); several predict as an ensemble, their soft masks averaged "
+        "on the input's grid (masks only)",
+    )
     p.add_argument("--input", required=True, type=Path, help="image file or folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument(

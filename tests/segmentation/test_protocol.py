@@ -87,3 +87,26 @@ def test_a_slow_setting_runs_on_the_first_seed_only_and_train_only_arms_give_che
 def test_arm_names_must_be_distinct_folders(data, tmp_path):
     with pytest.raises(ValueError, match="unique"):
         run_protocol([Arm("a b", data), Arm("a_b", data)], [0], tmp_path)
+
+
+def test_ensemble_rows_score_the_members_checkpoints_per_seed(data, tmp_path):
+    from medflow.data.io import read_image
+    from medflow.segmentation.ensemble import Ensemble
+
+    rows = run_protocol(_arms(data), [0, 1], tmp_path)
+    # seed 1 of the flow is missing: only seed 0 has both members
+    rows = [r for r in rows if not (r["arm"] == "flow" and r["seed"] == 1)]
+    got = protocol.ensemble_rows(rows, ["flow", "unet"], "flow+unet", data, tmp_path)
+    assert [(r["arm"], r["seed"], r["members"]) for r in got] == [
+        ("flow+unet", 0, ["flow", "unet"])
+    ]
+    row = got[0]
+    summary = json.loads((tmp_path / "ensembles/flow_unet_seed0/eval/summary.json").read_text())
+    assert row["foreground"] == summary["foreground_mean"]
+    assert row["train_steps"] == 4  # both members' steps
+    flow_ckpt = next(r["checkpoint"] for r in rows if r["arm"] == "flow" and r["seed"] == 0)
+    unet_ckpt = next(r["checkpoint"] for r in rows if r["arm"] == "unet" and r["seed"] == 0)
+    image = read_image(sorted((data / "imagesTs").iterdir())[:1])
+    want = Ensemble([tmp_path / flow_ckpt, tmp_path / unet_ckpt], "cpu").predict_volume(image)
+    written = read_image(sorted((tmp_path / "ensembles/flow_unet_seed0/pred").iterdir())[:1])
+    assert (written.array[0] == want).all()

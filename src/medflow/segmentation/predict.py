@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,17 +180,55 @@ class Predictor:
         options = self.mask_options(options)
         slices, box = prepare_image(image, self.prep)
         probs = self.probs(slices, options)
-        in_plane = self._in_plane(box)
         # back to the native grid in chunks: a full CT at 512 x 512 would need gigabytes at once
         labels = np.concatenate(
             [
-                resize_images(chunk, in_plane).argmax(1).numpy().astype(np.int16)
-                for chunk in probs.split(options.batch_size)
+                chunk.argmax(1).numpy().astype(np.int16)
+                for chunk in self._native_chunks(probs, box, options.batch_size)
             ]
         )
         return keep_largest(
             self._paste(labels, box, image.geometry.shape, 0, np.int16), self.largest
         )
+
+    def native_probs(
+        self, image: Volume, options: SamplingOptions = SamplingOptions()
+    ) -> np.ndarray:
+        """The soft mask ``(X, Y, Z, K)`` (float32, each voxel's classes summing to 1) on the
+        grid of ``image`` that :meth:`predict_volume`'s labels are the argmax of, before
+        post-processing; outside the crop box background is certain. What an ensemble of
+        checkpoints averages (:mod:`medflow.segmentation.ensemble`)."""
+        options = self.mask_options(options)
+        slices, box = prepare_image(image, self.prep)
+        probs = self.probs(slices, options)
+        soft = np.concatenate(
+            [
+                (chunk.clamp(0, 1) / chunk.clamp(0, 1).sum(1, keepdim=True).clamp_min(1e-12))
+                .movedim(1, -1)
+                .numpy()
+                .astype(np.float32)
+                for chunk in self._native_chunks(probs, box, options.batch_size)
+            ]
+        )
+        shape = image.geometry.shape
+        return np.stack(
+            [
+                self._paste(soft[..., c], box, shape, float(c == 0), np.float32)
+                for c in range(soft.shape[-1])
+            ],
+            axis=-1,
+        )
+
+    def _native_chunks(self, probs: torch.Tensor, box, step: int):
+        """``probs`` ``(N, K, h, w)`` resized to the crop box's in-plane size, ``step``
+        slices at a time."""
+        in_plane = self._in_plane(box)
+        for chunk in probs.split(step):
+            yield resize_images(chunk.float(), in_plane)
+
+    def check(self, image: Volume) -> None:
+        """Refuse an image of dimensions the model cannot read (a 2D image for 2.5D, ...)."""
+        check_dims(image, self.prep)
 
     @property
     def stochastic(self) -> bool:
@@ -422,8 +461,23 @@ def _sample_files(case: Case, out_dir: Path) -> list[Path]:
     return found
 
 
+def _predictor(
+    checkpoint: str | Path | Sequence[str | Path], device: str, *, per_model: tuple, **net
+):
+    """A :class:`Predictor` for one checkpoint, an :class:`~medflow.segmentation.ensemble.
+    Ensemble` for several (which first refuses the ``per_model`` outputs it cannot write)."""
+    if isinstance(checkpoint, (str, Path)):
+        return Predictor(checkpoint, device, **net)
+    if len(checkpoint) == 1:
+        return Predictor(checkpoint[0], device, **net)
+    from medflow.segmentation.ensemble import Ensemble, refuse_per_model_outputs
+
+    refuse_per_model_outputs(*per_model)
+    return Ensemble(checkpoint, device, **net)
+
+
 def predict_folder(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     inputs: str | Path,
     out_dir: str | Path,
     *,
@@ -459,7 +513,8 @@ def predict_folder(
     the whole list once all outputs are in place (docs/DISTRIBUTED.md).
 
     ``channels_last``, ``compile`` and ``postprocess`` set up the network as
-    :class:`Predictor` does.
+    :class:`Predictor` does. Several checkpoints predict as an ensemble (their soft masks
+    averaged on the native grid, :mod:`medflow.segmentation.ensemble`), masks only.
 
     With ``save_samples`` (which implies ``uncertainty``) every sample's label map and the
     soft mask the labels come from are written too (:func:`sample_paths`), for
@@ -468,10 +523,15 @@ def predict_folder(
     Returns:
         The paths of the masks (not of the maps), in case order.
     """
-    predictor = Predictor(
-        checkpoint, device, channels_last=channels_last, compile=compile, postprocess=postprocess
-    )
     uncertainty = uncertainty or save_samples
+    predictor = _predictor(
+        checkpoint,
+        device,
+        channels_last=channels_last,
+        compile=compile,
+        postprocess=postprocess,
+        per_model=(uncertainty, options.fusion, save_samples),
+    )
     ranks = Ranks.from_env()
     cases = find_cases(inputs, None, len(predictor.channel_names))
     out_dir = Path(out_dir)
@@ -592,7 +652,7 @@ def _write_map_staged(
 
 def _read_checked(case: Case, predictor: Predictor) -> Volume:
     volume = read_image(case.images)
-    check_dims(volume, predictor.prep)
+    predictor.check(volume)
     n = volume.array.shape[0]
     if n != len(predictor.channel_names):
         raise DataError(

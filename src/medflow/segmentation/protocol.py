@@ -261,6 +261,56 @@ def _in_processes(arms, seeds, out, device, reuse, jobs) -> list[dict]:
     return rows
 
 
+def ensemble_rows(
+    rows: list[dict],
+    members: Sequence[str],
+    name: str,
+    test: Path,
+    out: str | Path,
+    *,
+    options: SamplingOptions = SamplingOptions(),
+    device: str = "auto",
+) -> list[dict]:
+    """Score the ensemble of the arms ``members`` (their final checkpoints' soft masks
+    averaged, :mod:`medflow.segmentation.ensemble`) for every seed all of them were run
+    with: predicted with ``options`` into ``<out>/ensembles/<name>_seed<seed>`` and scored
+    against ``test``'s ``labelsTs`` as every setting is. Each row names its ``members``;
+    its train steps and seconds are the members' sums (what the ensemble cost to train)."""
+    out = Path(out)
+    by_seed: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r["arm"] in members:
+            by_seed.setdefault(r["seed"], {}).setdefault(r["arm"], r)
+    scored = []
+    for seed, found in sorted(by_seed.items()):
+        if len(found) < len(members):
+            continue
+        parts = [found[m] for m in members]
+        folder = out / "ensembles" / f"{_slug(name)}_seed{seed}"
+        t0 = time.perf_counter()
+        checkpoints = [out / p["checkpoint"] for p in parts]
+        predict_folder(checkpoints, test / "imagesTs", folder / "pred", options=options,
+                       device=device, force=True, quiet=True)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        summary = evaluate_folders(folder / "pred", test / "labelsTs", folder / "eval", force=True)
+        scored.append(
+            {
+                "arm": name,
+                "members": list(members),
+                "seed": seed,
+                "setting": "ensemble",
+                "options": dataclasses.asdict(options),
+                "train_steps": sum(p["train_steps"] for p in parts),
+                "train_seconds": sum(p["train_seconds"] for p in parts),
+                "predict_seconds": seconds,
+                "foreground": summary["foreground_mean"],
+                "per_class": summary["mean"],
+                "seeds_evaluated": len(by_seed),
+            }
+        )
+    return scored
+
+
 def results_record(rows: list[dict], config: dict, device: str = "auto", **extra) -> dict:
     """The one results schema: versions, the machine, the protocol's config, the rows, and
     anything the protocol adds."""
