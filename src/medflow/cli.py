@@ -388,11 +388,19 @@ def _add_bench(verbs) -> None:
         choices=("steps", "time", "plateau"),
         help="steps: the same steps for every method; time: the same training time; "
         "plateau: each method until its validation Dice stalls (--plateau-patience "
-        "validations without a rise, at most --plateau-cap steps)",
+        "validations without a rise) with its learning rate already halved "
+        "--plateau-reductions times (at most --plateau-cap steps)",
     )
     bn.add_argument("--plateau-cap", type=int, default=None, help="plateau budget: most steps")
     bn.add_argument(
         "--plateau-patience", type=int, default=None, help="plateau budget: validations"
+    )
+    bn.add_argument(
+        "--plateau-reductions",
+        type=int,
+        default=None,
+        help="plateau budget: stalls that halve the learning rate before one ends the run "
+        "(default 3; 0: the first stall ends it, at the constant peak rate)",
     )
     bn.add_argument("--steps", type=int, default=None, help="training steps (steps budget)")
     bn.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -777,6 +785,7 @@ def _bench(args: argparse.Namespace) -> int:
         "seeds": tuple(args.seeds) if args.seeds else None,
         "plateau_cap": args.plateau_cap,
         "plateau_patience": args.plateau_patience,
+        "plateau_reductions": args.plateau_reductions,
     }
     if args.steps is not None and args.steps < 1:
         raise MedflowError(f"--steps {args.steps}: must be at least 1")

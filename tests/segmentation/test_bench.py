@@ -325,6 +325,7 @@ def test_the_plateau_budget_trains_each_method_until_it_stalls(tmp_path):
         latency_slices=2,
         plateau_cap=50,
         plateau_patience=2,
+        plateau_reductions=0,
     )
     rows = run_bench(cfg, tmp_path / "out", device="cpu", quiet=True)["rows"]
     assert {r["method"] for r in rows} == {"unet", "medflowseg"}

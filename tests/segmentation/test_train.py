@@ -287,3 +287,25 @@ def test_a_plateau_stops_the_run_and_the_stored_config_retrains_it(tiny_dataset,
     with pytest.raises(ValueError, match="plateau_patience needs lr_schedule constant"):
         TrainConfig(plateau_patience=3)
     assert lr_factor(50, 10, 100, "constant") == 1.0 < 2 * lr_factor(50, 10, 100)
+
+
+def test_a_plateau_schedule_halves_the_rate_at_each_stall_and_stops_after_its_reductions(
+    tiny_dataset, tmp_path
+):
+    from medflow.engine.logs import read_log
+
+    # every validation after the first is a stall: steps 4 and 6 halve the rate, 8 stops
+    fields = {**TINY, "steps": 100, "warmup_steps": 1, "val_every": 2, "plateau_delta": 1.0}
+    cfg = TrainConfig(**fields, lr_schedule="plateau", plateau_patience=1, plateau_reductions=2)
+    result = train(tiny_dataset, tmp_path / "run", cfg, quiet=True)
+    assert result.steps == 8
+    # "lr" is the rate the next step takes; a stall at step s reduces step s + 1's
+    lrs = [r["lr"] for r in read_log(result.run_dir / "log.csv")]
+    want = [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+    assert lrs == pytest.approx([cfg.lr * f for f in want])
+    stored = load_checkpoint(result.run_dir / "checkpoint_last.pt")
+    assert stored["plateau"]["reductions"] == 2 and stored["plateau"]["since"] == 1
+    with pytest.raises(ValueError, match="lr_schedule plateau needs plateau_patience > 0"):
+        TrainConfig(lr_schedule="plateau")
+    with pytest.raises(ValueError, match="plateau_factor must be in"):
+        TrainConfig(plateau_factor=1.0)

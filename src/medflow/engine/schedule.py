@@ -7,17 +7,18 @@ import math
 
 import torch
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "plateau")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
     """Linear warm-up to the peak over ``warmup_steps``, then cosine decay to zero at
     ``total_steps`` (a multiplier of the peak learning rate, for ``LambdaLR``), or with
     ``schedule="constant"`` the peak until the end (a run that may stop at any step, on a
-    plateau, then stops on the schedule it trained with)."""
+    plateau, then stops on the schedule it trained with). ``"plateau"`` is the constant
+    peak here; the training loop multiplies it down each time the validation Dice stalls."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
+    if schedule in ("constant", "plateau"):
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

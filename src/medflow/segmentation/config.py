@@ -128,14 +128,20 @@ class TrainConfig:
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up before cosine decay to zero.
-        lr_schedule: ``"cosine"`` (decay to zero at ``steps``) or ``"constant"`` (the peak
-            after the warm-up; what ``plateau_patience`` needs).
-        plateau_patience: stop when the validation Dice has not risen more than
-            ``plateau_delta`` above its best for this many validations in a row (0: off;
-            ``steps`` is then the cap). The stored ``steps`` is the step it stopped at, so
-            the stored config retrains the same run. Needs ``lr_schedule="constant"`` and
-            validation.
+        lr_schedule: ``"cosine"`` (decay to zero at ``steps``), ``"constant"`` (the peak
+            after the warm-up) or ``"plateau"`` (the peak, multiplied by ``plateau_factor``
+            each time the validation Dice stalls, as torch's ``ReduceLROnPlateau``; a stall
+            after ``plateau_reductions`` of them ends the run). The last two are what
+            ``plateau_patience`` needs.
+        plateau_patience: a stall is this many validations in a row whose Dice has not
+            risen more than ``plateau_delta`` above the best (0: off; ``steps`` is then the
+            cap). A stall stops the run (``lr_schedule="plateau"``: once the rate has been
+            reduced ``plateau_reductions`` times). The stored ``steps`` is the step it
+            stopped at, so the stored config retrains the same run. Needs validation.
         plateau_delta: the rise in validation Dice that counts as progress.
+        plateau_factor: with ``lr_schedule="plateau"``, what a stall multiplies the rate by.
+        plateau_reductions: with ``lr_schedule="plateau"``, the reductions before a stall
+            stops the run.
         grad_clip: clip the global gradient norm (0 disables).
         ema_decay: decay of the exponential moving average of weights.
         augment: random flips, small affine and intensity changes.
@@ -189,6 +195,8 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     plateau_patience: int = 0
     plateau_delta: float = 0.002
+    plateau_factor: float = 0.5
+    plateau_reductions: int = 3
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     augment: bool = True
@@ -280,13 +288,26 @@ class TrainConfig:
         checks.append(
             (
                 self.plateau_patience == 0
-                or (self.lr_schedule == "constant" and self.val_fraction > 0),
-                "plateau_patience needs lr_schedule constant and validation (val_fraction > 0)",
+                or (self.lr_schedule in ("constant", "plateau") and self.val_fraction > 0),
+                "plateau_patience needs lr_schedule constant or plateau and validation "
+                "(val_fraction > 0)",
             )
         )
         checks.append(
-            (self.plateau_patience >= 0 and self.plateau_delta >= 0, "plateau fields >= 0")
+            (
+                self.lr_schedule != "plateau" or self.plateau_patience > 0,
+                "lr_schedule plateau needs plateau_patience > 0 (the stall that reduces it)",
+            )
         )
+        checks.append(
+            (
+                self.plateau_patience >= 0
+                and self.plateau_delta >= 0
+                and self.plateau_reductions >= 0,
+                "plateau fields >= 0",
+            )
+        )
+        checks.append((0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"))
         checks.append((self.budget_clock in ("wall", "cpu"), "budget_clock must be wall or cpu"))
         checks.append(
             (

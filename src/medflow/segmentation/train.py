@@ -203,14 +203,18 @@ class _Run:
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        # the stall counter (and, for lr_schedule "plateau", the reductions so far)
+        self.plateau = Plateau.from_dict(state.get("plateau") if state is not None else None)
         # the total steps read at every step: a time budget fixes them after the first few
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
-            lambda s: lr_factor(s, self.cfg.warmup_steps, self.cfg.steps, self.cfg.lr_schedule),
+            lambda s: (
+                self.plateau.scale(self.cfg)
+                * lr_factor(s, self.cfg.warmup_steps, self.cfg.steps, self.cfg.lr_schedule)
+            ),
         )
         self.method = method_for(cfg)
         self.start, self.best_val, self.best_step = 0, None, 0
-        self.plateau: tuple[float | None, int] = (None, 0)  # best so far, validations since
         if state is not None:
             self.net.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
@@ -374,14 +378,14 @@ class _Run:
             return False
         stop = None
         if self.ranks.main:
-            best, since = self.plateau
-            if best is None or val_dice > best + cfg.plateau_delta:
-                best, since = val_dice, 0
-            else:
-                since += 1
-            self.plateau = (best, since)
-            stop = since >= cfg.plateau_patience
-        stop = from_main(stop)
+            self.plateau, stop = self.plateau.after(val_dice, cfg)
+        # every rank takes rank 0's decision and its reductions (their learning rates agree)
+        reductions = self.plateau.reductions
+        self.plateau, stop = from_main((self.plateau, stop))
+        if self.plateau.reductions > reductions:
+            # from the next step on (the scheduler already set it with the old scale)
+            for group in self.opt.param_groups:
+                group["lr"] *= cfg.plateau_factor
         if stop:
             self.cfg = dataclasses.replace(cfg, steps=done)
         return stop
@@ -414,6 +418,7 @@ class _Run:
                 scheduler=self.sched.state_dict(),
                 best_val=self.best_val,
                 best_step=self.best_step,
+                plateau=self.plateau.to_dict(),
                 rng={"data": self.gen.get_state(), "torch": torch.get_rng_state()},
             ),
         )
@@ -499,6 +504,42 @@ def train(
         # rank 0's result everywhere; also keeps other ranks from returning before the
         # run folder is complete
         return from_main(result)
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """Where a run stands against ``plateau_patience``: the best validation Dice, the
+    validations since it last rose by ``plateau_delta``, and (``lr_schedule="plateau"``)
+    how often a stall has reduced the learning rate. Kept in the resumable checkpoint."""
+
+    best: float | None = None
+    since: int = 0
+    reductions: int = 0
+
+    def scale(self, cfg: TrainConfig) -> float:
+        """What the reductions so far multiply the learning rate by."""
+        return cfg.plateau_factor**self.reductions if cfg.lr_schedule == "plateau" else 1.0
+
+    def after(self, val_dice: float, cfg: TrainConfig) -> tuple[Plateau, bool]:
+        """The state after one more validation, and whether the run stops there: a stall
+        stops it, unless ``lr_schedule="plateau"`` has reductions left (then the rate is
+        reduced and the count starts again)."""
+        if self.best is None or val_dice > self.best + cfg.plateau_delta:
+            return Plateau(val_dice, 0, self.reductions), False
+        since = self.since + 1
+        if since < cfg.plateau_patience:
+            return Plateau(self.best, since, self.reductions), False
+        if cfg.lr_schedule == "plateau" and self.reductions < cfg.plateau_reductions:
+            return Plateau(self.best, 0, self.reductions + 1), False
+        return Plateau(self.best, since, self.reductions), True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Plateau:
+        """A checkpoint's state (one written before it was kept: a fresh count)."""
+        return cls(**d) if d else cls()
 
 
 def _loop(run: _Run, data: Path, quiet: bool) -> TrainResult:

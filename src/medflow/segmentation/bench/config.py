@@ -83,10 +83,11 @@ class BenchConfig:
         datasets: embedded dataset names, built into ``<out>/data``, or paths of nnU-Net raw
             folders (with ``imagesTs``/``labelsTs``).
         methods: bench methods to compare (keys of :data:`METHODS`).
-        budgets: ``"steps"``, ``"time"`` and/or ``"plateau"`` (each method trains at a
-            constant learning rate until its validation Dice has not risen for
-            ``plateau_patience`` validations, at most ``plateau_cap`` steps; the rows record
-            the steps it took and its validation curve).
+        budgets: ``"steps"``, ``"time"`` and/or ``"plateau"`` (each method trains until
+            its validation Dice has not risen for ``plateau_patience`` validations with the
+            learning rate already halved ``plateau_reductions`` times, at most
+            ``plateau_cap`` steps; the rows record the steps it took and its validation
+            curve).
         steps: training steps under the steps budget.
         seconds: training seconds under the time budget (None: what MedFlowSeg needs for
             ``steps``, so the two budgets share their MedFlowSeg run's length).
@@ -99,7 +100,11 @@ class BenchConfig:
         latency_slices: slices timed one by one for the latency.
         plateau_cap: the most steps a run of the plateau budget may train.
         plateau_patience: validations without a rise (``TrainConfig.plateau_delta``) that
-            end a run of the plateau budget.
+            make a stall under the plateau budget.
+        plateau_reductions: stalls that halve the learning rate before one ends the run
+            (``TrainConfig.lr_schedule="plateau"``); 0: the first stall ends it, at the
+            constant peak rate (the first plateau runs, which measured the generative
+            models' instability at that rate, docs/BENCHMARKS.md).
         first_seed_only_above: settings with more network calls per image than this are
             predicted, scored and timed on the first seed only (latency on one slice,
             throughput on ``latency_slices`` slices); None: every setting on every seed.
@@ -118,6 +123,7 @@ class BenchConfig:
     latency_slices: int = 8
     plateau_cap: int = 3000
     plateau_patience: int = 5
+    plateau_reductions: int = 3
     first_seed_only_above: int | None = 100
 
     @classmethod
@@ -188,6 +194,8 @@ class BenchConfig:
                 f"plateau_cap and plateau_patience must be >= 1, got {self.plateau_cap} and "
                 f"{self.plateau_patience}"
             )
+        if self.plateau_reductions < 0:
+            raise MedflowError(f"plateau_reductions must be >= 0, got {self.plateau_reductions}")
         if self.probe_steps < 1 or self.latency_slices < 1:
             raise MedflowError(
                 f"probe_steps and latency_slices must be >= 1, got {self.probe_steps} "

@@ -140,13 +140,16 @@ def _arms(cfg: BenchConfig, ds_name: str, data: Path, out: Path, device: str) ->
 
 def _length(cfg: BenchConfig, budget: str, method: str) -> dict:
     """How long ``budget`` trains: ``cfg.steps``, or for the plateau budget until the
-    validation Dice stalls (constant learning rate, ``plateau_cap`` steps at most)."""
+    validation Dice stalls with the learning rate halved ``plateau_reductions`` times
+    (``plateau_cap`` steps at most)."""
     if budget != "plateau":
         return {"steps": cfg.steps}
+    reduce = cfg.plateau_reductions > 0
     return {
         "steps": cfg.plateau_cap,
-        "lr_schedule": "constant",
+        "lr_schedule": "plateau" if reduce else "constant",
         "plateau_patience": cfg.plateau_patience,
+        **({"plateau_reductions": cfg.plateau_reductions} if reduce else {}),
     }
 
 
