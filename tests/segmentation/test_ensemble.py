@@ -54,10 +54,16 @@ def test_an_ensemble_of_one_model_twice_is_that_model(members):
     assert np.array_equal(Ensemble([flow, flow], "cpu").predict_volume(image), alone)
 
 
-def test_members_must_read_the_same_channels(members):
-    _, flow, _, odd = members
+def test_members_must_read_the_same_channels(members, tmp_path, capsys):
+    data, flow, _, odd = members
     with pytest.raises(DataError, match=r"odd.*reads channels .*the same input"):
         Ensemble([flow, odd], "cpu")
+    argv = ["predict", "--model", str(flow), str(odd), "--input", str(data / "imagesTs"),
+            "--out", str(tmp_path / "p"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{odd}: reads channels" in err and str(flow) in err
+    assert not (tmp_path / "p").exists()
 
 
 def test_predict_folder_with_several_checkpoints_writes_the_ensemble_masks(members, tmp_path):

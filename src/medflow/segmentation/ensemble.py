@@ -125,12 +125,12 @@ def _check_compatible(first: Predictor, member: Predictor) -> None:
     if member.labels != first.labels:
         raise DataError(
             member.path,
-            f"predicts labels {member.labels}, but {first.path.name} predicts "
+            f"predicts labels {member.labels}, but {first.path} predicts "
             f"{first.labels}: an ensemble averages the same classes",
         )
     if member.channel_names != first.channel_names:
         raise DataError(
             member.path,
-            f"reads channels {member.channel_names}, but {first.path.name} reads "
+            f"reads channels {member.channel_names}, but {first.path} reads "
             f"{first.channel_names}: an ensemble's members read the same input",
         )
