@@ -19,6 +19,11 @@ features standardised and the kernel widths set exactly as ``synth align``'s rew
 (:class:`~medflow.synthesis.reward.MMDReward` calibrated on the source slices, the site's
 slices as references). A ratio near 1: the group cannot tell the site from other anatomy.
 Writes ``reward_features.json`` and ``reward_features.md`` into ``--results``.
+
+With ``--segmenter CKPT`` (a source segmenter trained on ``mni152-tissue``: a UNet or a flow
+network with an image branch), the ``"segmenter"`` group of its first ``--segmenter-levels``
+levels (:func:`medflow.segmentation.features.early_features`) is measured too, alone and
+added to the default groups.
 """
 
 from __future__ import annotations
@@ -53,16 +58,22 @@ SITES = (
 )
 
 
-def selections() -> dict[str, tuple[str, ...]]:
+def selections(segmenter: bool = False) -> dict[str, tuple[str, ...]]:
+    """The feature selections measured, by display name; with ``segmenter``, also the
+    ``"segmenter"`` group alone and the default groups with it."""
     from medflow.synthesis.config import DEFAULT_REWARD_FEATURES, REWARD_FEATURES
 
-    return {
+    chosen = {
         **{name: (name,) for name in REWARD_FEATURES},
         "default (moments+histogram+style)": DEFAULT_REWARD_FEATURES,
         "default+lowfreq": (*DEFAULT_REWARD_FEATURES, "lowfreq"),
         "moments+laplacian+lowfreq": ("moments", "laplacian", "lowfreq"),
         "all six": REWARD_FEATURES,
     }
+    if segmenter:
+        chosen["segmenter"] = ("segmenter",)
+        chosen["default+segmenter"] = (*DEFAULT_REWARD_FEATURES, "segmenter")
+    return chosen
 
 
 def shifted_copy(images: Path, out: Path, shift: dict) -> Path:
@@ -96,14 +107,19 @@ def file_of_rows(files: list[str], prep):
     return torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
 
 
-def sensitivity(features, source, site, rows_a, rows_b) -> dict:
-    """``between``, ``within`` and their ratio for one feature selection (module docstring)."""
+def sensitivity(features, source, site, rows_a, rows_b, extractor=None) -> dict:
+    """``between``, ``within`` and their ratio for one feature selection (module docstring);
+    ``extractor`` is the segmenter's, used by a selection with ``"segmenter"``."""
     import torch
 
     from medflow.metrics.distribution import mmd2
     from medflow.synthesis.reward import FeatureEncoder, MMDReward
 
-    encoder = FeatureEncoder(source.images.shape[1], features=features)
+    encoder = FeatureEncoder(
+        source.images.shape[1],
+        features=features,
+        extractor=extractor if "segmenter" in features else None,
+    )
     with torch.no_grad():
         reward = MMDReward(
             encoder,
@@ -166,18 +182,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, help="folder for (or with) the two built datasets")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument(
+        "--segmenter",
+        type=Path,
+        metavar="CKPT",
+        help="a source segmenter checkpoint (trained on mni152-tissue): also measure its "
+        "early features (the 'segmenter' group)",
+    )
+    ap.add_argument(
+        "--segmenter-levels", type=int, default=2, help="levels of its features (default: 2)"
+    )
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
     t_start = time.process_time()
+    extractor = None
+    if args.segmenter is not None:
+        from medflow.segmentation.features import early_features
+
+        extractor = early_features(args.segmenter, args.segmenter_levels)
     with tempfile.TemporaryDirectory() as tmp:
         source, sites, slab, check = read_sites(args.data or Path(tmp), Path(tmp))
     rows_a, rows_b = slab % 2 == 0, slab % 2 == 1
     table = {
-        name: {s: sensitivity(feats, source, sites[s], rows_a, rows_b) for s in sites}
-        for name, feats in selections().items()
+        name: {s: sensitivity(feats, source, sites[s], rows_a, rows_b, extractor) for s in sites}
+        for name, feats in selections(extractor is not None).items()
     }
     record = {
         "what": "MMD^2 between source and target-site slices over MMD^2 within a site, per "
@@ -192,6 +223,8 @@ def main() -> None:
         "cpu_seconds": time.process_time() - t_start,
         "threads": torch.get_num_threads(),
     }
+    if extractor is not None:
+        record["segmenter"] = {"checkpoint": str(args.segmenter), "levels": extractor.levels}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "reward_features.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.results / "reward_features.md").write_text(markdown(record))
@@ -212,6 +245,9 @@ def markdown(record: dict) -> str:
         cells = " | ".join(f"{row[s]['ratio']:.2f}" for s in sites)
         lines.append(f"| {name} | {row[sites[0]]['dim']} | {cells} |")
     lines.append("")
+    if "segmenter" in record:
+        seg = record["segmenter"]
+        lines.append(f"segmenter: the first {seg['levels']} level(s) of {seg['checkpoint']}.")
     lines.append(f"{record['cpu_seconds']:.1f} CPU s, {record['threads']} thread(s).")
     return "\n".join(lines) + "\n"
 

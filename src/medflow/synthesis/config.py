@@ -7,18 +7,26 @@ checkpoint it produces.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-# the feature groups of the reward's encoder (medflow.synthesis.reward.FeatureEncoder), named
-# here so that the CLI and stored configs are checked without importing torch
+# the feature groups the reward's encoder (medflow.synthesis.reward.FeatureEncoder) computes
+# on its own, named here so that the CLI and stored configs are checked without importing torch
 REWARD_FEATURES = ("moments", "histogram", "style", "fine_histogram", "laplacian", "lowfreq")
 # the encoder's features before the groups could be chosen, in the same order: the default
 DEFAULT_REWARD_FEATURES = ("moments", "histogram", "style")
+# groups computed from a frozen module handed to the encoder (FeatureEncoder's extractor):
+# the source segmenter's early features. Kept out of REWARD_FEATURES, the groups a config
+# may name, because ``synth align`` has no way to pass the module yet: a config naming
+# "segmenter" would fail only after loading the models
+EXTRACTOR_FEATURES = ("segmenter",)
 
 
-def check_reward_features(names: object) -> tuple[str, ...]:
+def check_reward_features(names: object, extra: Sequence[str] = ()) -> tuple[str, ...]:
     """``names`` (a sequence of group names, or one string of comma-separated names, as a
-    ``--set align.reward_features=laplacian,lowfreq`` override gives it) as a tuple, checked.
+    ``--set align.reward_features=laplacian,lowfreq`` override gives it) as a tuple, checked
+    against :data:`REWARD_FEATURES` and the ``extra`` names the caller can compute
+    (:data:`EXTRACTOR_FEATURES` for the encoder itself).
 
     Raises:
         ValueError: no name, an unknown name or a name given twice.
@@ -26,11 +34,11 @@ def check_reward_features(names: object) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
     names = tuple(str(n) for n in names)
-    unknown = [n for n in names if n not in REWARD_FEATURES]
+    known = (*REWARD_FEATURES, *extra)
+    unknown = [n for n in names if n not in known]
     if not names or unknown or len(set(names)) < len(names):
         raise ValueError(
-            f"reward_features {list(names)}: name each group once, "
-            f"from {', '.join(REWARD_FEATURES)}"
+            f"reward_features {list(names)}: name each group once, from {', '.join(known)}"
         )
     return names
 

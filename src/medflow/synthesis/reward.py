@@ -26,12 +26,17 @@ site-b from the source, relative to the spread between slabs of one site (docs/A
 ``"lowfreq"`` separates it best; ``"laplacian"`` sees every component of the shift alone but
 hardly their sum, whose effects on the band energies nearly cancel.
 
-Not built: a group of the source segmenter's early features (the issue's suggestion: a
-segmenter that fails on the target is not invariant to the shift). Loading a medflow
-segmenter checkpoint is ``medflow.segmentation``'s job (its methods and network config),
-which ``synthesis`` must not import for the reward; a flow segmenter's first layer mixes the
-image with the flow state and time, so its "early features" need a choice of both; and the
-harness trains the source segmenter only after the alignments it would have to feed.
+The source segmenter's early features (the issue's suggestion: a segmenter that fails on
+the target is not invariant to the shift) are the group ``"segmenter"``, computed from a
+frozen ``extractor`` module handed to the encoder: the per-channel style statistics of its
+feature maps, as ``"style"`` takes them of the random convs. The import direction is kept by
+passing the module in: loading a segmenter checkpoint is ``medflow.segmentation``'s job
+(:func:`medflow.segmentation.features.early_features`), and this module never imports it.
+``early_features`` answers the flow segmenter's problem, a first layer that mixes the image
+with the flow state and time, by taking its image branch, which sees neither; a flow network
+without one is refused. ``synth align`` does not offer the group yet (the harness trains the
+source segmenter only after the alignments it would have to feed); it is named in
+:data:`~medflow.synthesis.config.EXTRACTOR_FEATURES`, not in the groups a config may name.
 
 ``synth align`` computes the features on the images as the segmenter will see them
 (:mod:`medflow.synthesis.view`) and over the tissue only (a foreground mask), so the
@@ -48,7 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medflow.metrics.distribution import MEDIAN_MULTIPLES, median_distance, mmd2
-from medflow.synthesis.config import DEFAULT_REWARD_FEATURES, check_reward_features
+from medflow.synthesis.config import (
+    DEFAULT_REWARD_FEATURES,
+    EXTRACTOR_FEATURES,
+    check_reward_features,
+)
 
 # added to variances before a square root: the gradient of sqrt at 0 is infinite, and a flat
 # image (or a filter that never fires on one) has zero spatial variance
@@ -72,6 +81,9 @@ LOWFREQ_CLASSES = 3
 LOWFREQ_SPAN = 1.0
 LOWFREQ_GRID = 4
 _LOWFREQ_SIGMA = LOWFREQ_SPAN / (LOWFREQ_CLASSES - 1)
+# "segmenter": side of the zeros image the extractor runs on once, at construction, to learn
+# its channels; 32 is a multiple of the size multiple of a segmenter of up to six levels
+PROBE_SIZE = 32
 
 
 def _weighted_stats(flat: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +127,11 @@ class FeatureEncoder(nn.Module):
       the fine bands' energy, noise raises it (:meth:`_laplacian`);
     * ``"lowfreq"``: the spatial spread of the coarse local mean within each of
       :data:`LOWFREQ_CLASSES` intensity classes (``LOWFREQ_CLASSES * C``), which sees a smooth
-      multiplicative bias and hardly where the tissue lies (:meth:`_lowfreq`).
+      multiplicative bias and hardly where the tissue lies (:meth:`_lowfreq`);
+    * ``"segmenter"``: per feature map ``(B, c_i, h_i, w_i)`` of ``extractor``, the spatial
+      mean and std of each channel, as ``"style"`` (``2 c_i`` per map, one group per map).
+      Only with an ``extractor``, e.g. the source segmenter's early layers
+      (:func:`medflow.segmentation.features.early_features`).
 
     The default ``features`` are the first three, the encoder's original features, computed
     exactly as before. The conv net is built, from ``seed``, whatever the selection, so a
@@ -133,8 +149,9 @@ class FeatureEncoder(nn.Module):
     does not count as image detail.
 
     The encoder expects z-scored images (``value_range`` and the He scaling assume intensities
-    of order 1), accepts any ``H, W >= 1``, is differentiable w.r.t. its input, has no
-    trainable parameters, and stays in eval mode and frozen whatever a parent module does.
+    of order 1), accepts any ``H, W >= 1`` (with an ``extractor``, any size it takes), is
+    differentiable w.r.t. its input, has no trainable parameters, and stays in eval mode and
+    frozen whatever a parent module does, its ``extractor`` included.
 
     Args:
         in_channels: image channels ``C``.
@@ -142,7 +159,13 @@ class FeatureEncoder(nn.Module):
         seed: seed of the weights.
         bins: soft-histogram bins per channel.
         value_range: centres of the first and the last bin (both histograms).
-        features: the groups, by name (:data:`~medflow.synthesis.config.REWARD_FEATURES`).
+        features: the groups, by name (:data:`~medflow.synthesis.config.REWARD_FEATURES`,
+            and ``"segmenter"`` with an ``extractor``).
+        extractor: a module mapping images ``(B, C, H, W)`` to a list of feature maps
+            ``[(B, c_i, h_i, w_i), ...]``, for ``"segmenter"``, which needs it, and refused
+            without that group (a module that would be silently unused hides a mistake in
+            ``features``). The encoder freezes it and puts it in eval mode (in place), then
+            runs it once on zeros ``(1, C, PROBE_SIZE, PROBE_SIZE)`` to learn the ``c_i``.
 
     Shapes: ``(B, C, H, W)`` and an optional ``(B, 1, H, W)`` mask -> ``(B, feature_dim)``.
     """
@@ -155,13 +178,24 @@ class FeatureEncoder(nn.Module):
         bins: int = 16,
         value_range: tuple[float, float] = (-4.0, 4.0),
         features: Sequence[str] = DEFAULT_REWARD_FEATURES,
+        extractor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or not widths or min(widths) < 1:
             raise ValueError(f"need in_channels >= 1 and widths >= 1, got {in_channels}, {widths}")
         if bins < 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"need bins >= 2 and an increasing range, got {bins}, {value_range}")
-        self.features = check_reward_features(features)
+        self.features = check_reward_features(features, EXTRACTOR_FEATURES)
+        if "segmenter" in self.features and extractor is None:
+            raise ValueError(
+                "the reward feature 'segmenter' needs an extractor, e.g. "
+                "medflow.segmentation.features.early_features(checkpoint)"
+            )
+        if extractor is not None and "segmenter" not in self.features:
+            raise ValueError(
+                f"an extractor is used only by the feature 'segmenter', not named in "
+                f"features {list(self.features)}"
+            )
         self.convs = _random_convs(in_channels, widths, seed)
         self.in_channels = in_channels
         self.widths = tuple(widths)
@@ -177,6 +211,11 @@ class FeatureEncoder(nn.Module):
             torch.linspace(-LOWFREQ_SPAN, LOWFREQ_SPAN, LOWFREQ_CLASSES),
             persistent=False,
         )
+        # only with an extractor, so the default encoder's state dict keeps its keys
+        self.segmenter_channels: tuple[int, ...] = ()
+        if extractor is not None:
+            self.extractor = extractor
+            self.segmenter_channels = _probe_channels(extractor, in_channels)
         self.requires_grad_(False)
         self.eval()
 
@@ -195,6 +234,7 @@ class FeatureEncoder(nn.Module):
             "fine_histogram": (FINE_BINS * c,),
             "laplacian": (LAPLACIAN_LEVELS * c,),
             "lowfreq": (LOWFREQ_CLASSES * c,),
+            "segmenter": tuple(2 * ci for ci in self.segmenter_channels),
         }
         return tuple(size for name in self.features for size in sizes[name])
 
@@ -235,6 +275,12 @@ class FeatureEncoder(nn.Module):
         h = x
         for conv in self.convs:
             h = F.relu(conv(h))
+            feats += list(_weighted_stats(h.flatten(2), _weights(mask, h)))
+        return feats
+
+    def _segmenter(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        feats = []
+        for h in self.extractor(x):
             feats += list(_weighted_stats(h.flatten(2), _weights(mask, h)))
         return feats
 
@@ -322,6 +368,36 @@ def _random_convs(in_channels: int, widths: Sequence[int], seed: int) -> nn.Modu
         convs.append(conv)
         c_in = width
     return nn.ModuleList(convs)
+
+
+def _probe_channels(extractor: nn.Module, in_channels: int) -> tuple[int, ...]:
+    """The channels ``c_i`` of ``extractor``'s feature maps, from one run on zeros
+    ``(1, in_channels, PROBE_SIZE, PROBE_SIZE)``; ``extractor`` is frozen and put in eval
+    mode first (in train mode the run would update batch-norm statistics).
+
+    Raises:
+        ValueError: it does not take such images or returns no list of ``(1, c, h, w)`` maps.
+    """
+    extractor.requires_grad_(False).eval()
+    # on the extractor's device, in its dtype
+    like = next(
+        (t for t in (*extractor.parameters(), *extractor.buffers()) if t.is_floating_point()), None
+    )
+    probe = torch.zeros(1, in_channels, PROBE_SIZE, PROBE_SIZE)
+    if like is not None:
+        probe = probe.to(like.device, like.dtype)
+    shape = tuple(probe.shape)
+    try:
+        with torch.no_grad():
+            maps = extractor(probe)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"the extractor does not take images {shape}: {exc}") from exc
+    if not isinstance(maps, (list, tuple)) or not maps:
+        raise ValueError(f"the extractor must return a list of feature maps, got {type(maps)}")
+    if not all(isinstance(m, torch.Tensor) and m.ndim == 4 and len(m) == 1 for m in maps):
+        got = [tuple(m.shape) if isinstance(m, torch.Tensor) else type(m) for m in maps]
+        raise ValueError(f"the extractor must map {shape} to (1, c, h, w) maps, got {got}")
+    return tuple(int(m.shape[1]) for m in maps)
 
 
 def _soft_histogram(
