@@ -9,6 +9,7 @@ from conftest import make_nnunet_dataset
 
 from medflow.data.io import read_image, read_label
 from medflow.data.layout import load_dataset, verify_dataset
+from medflow.data.naming import is_synthetic
 from medflow.synthesis.align import References
 from medflow.synthesis.baselines import (
     augment_volume,
@@ -81,3 +82,19 @@ def test_baseline_datasets_are_readable_and_keep_the_labels(tmp_path):
         )[0, 1]
         > 0.999
     )
+
+
+def test_augmented_copies_of_synthetic_cases_stay_synthetic(tmp_path):
+    source = make_nnunet_dataset(tmp_path / "src", n_train=2, n_test=1)
+    first = load_dataset(source).training[0].case_id
+    for folder, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
+        path = source / folder / f"{first}{suffix}.nii.gz"
+        path.rename(source / folder / f"synth_00000{suffix}.nii.gz")
+    aug = augmented_dataset(source, tmp_path / "aug", copies=2, slice_axis=2, seed=0)
+    ids = sorted(c.case_id for c in load_dataset(aug).training)
+    assert len(ids) == 6
+    assert [i for i in ids if is_synthetic(i)] == [
+        "synth_00000",
+        "synth_00000_aug0",
+        "synth_00000_aug1",
+    ]

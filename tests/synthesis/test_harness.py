@@ -7,8 +7,15 @@ import pytest
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
 from medflow.data.layout import load_dataset
+from medflow.data.naming import is_synthetic
 from medflow.errors import OutputExistsError
-from medflow.synthesis.harness import ORACLE, HarnessConfig, conditions, run_alignflow
+from medflow.synthesis.harness import (
+    DEFAULT_BASELINES,
+    ORACLE,
+    HarnessConfig,
+    conditions,
+    run_alignflow,
+)
 
 TINY = HarnessConfig(
     ks=(1, 2),
@@ -26,6 +33,7 @@ TINY = HarnessConfig(
         "threads": 1,
     },  # fmt: skip
     align={"steps": 1, "batch_size": 2, "sampler_steps": 2, "threads": 1},
+    baselines=(*DEFAULT_BASELINES, "augmented_aligned"),
 )
 
 
@@ -56,6 +64,8 @@ NAMES = [
     "source hist-matched K=2",
     "source+aligned K=1",
     "source+aligned K=2",
+    "source+augmented+aligned K=1",
+    "source+augmented+aligned K=2",
     ORACLE,
 ]
 
@@ -78,6 +88,8 @@ def test_every_condition_is_trained_scored_and_graded(harness):
         "stage-1 on real masks",
         "aligned K=1",
         "aligned K=2",
+        "aligned K=1, augmented",
+        "aligned K=2, augmented",
     ]
     assert list(record["faithfulness_dice"]) == sets
     assert set(record["faithfulness_dice"]["unaligned"]) == {"source_segmenter", "oracle_segmenter"}
@@ -87,6 +99,8 @@ def test_every_condition_is_trained_scored_and_graded(harness):
     compared = {(c["condition"], c["versus"]) for c in record["contrasts"]}
     assert ("source+aligned K=2", "source+unaligned, 2 steps") in compared
     assert ("source+aligned K=1", "source hist-matched K=1") in compared
+    assert ("source+augmented+aligned K=1", "source+augmented") in compared
+    assert ("source+augmented+aligned K=2", "source+aligned K=2") in compared
     assert "source+aligned K=2 − source+unaligned, 2 steps" in (out / "results.md").read_text()
 
 
@@ -106,6 +120,13 @@ def test_the_controls_differ_from_the_unaligned_set_as_intended(harness):
     n_source = load_dataset(source).training
     assert len(load_dataset(out / "datasets" / "augmented_seed0").training) == 2 * len(n_source)
     assert len(load_dataset(out / "datasets" / "histmatch_k1").training) == len(n_source)
+    # augmented + aligned: the aligned arm's set, every case (synthetic ones too) twice
+    aligned = [c.case_id for c in load_dataset(out / "datasets" / "aligned_k1_seed0").training]
+    both = [
+        c.case_id for c in load_dataset(out / "datasets" / "augmented_aligned_k1_seed0").training
+    ]
+    assert len(both) == 2 * len(aligned) and sum(map(is_synthetic, aligned)) >= 1
+    assert sum(map(is_synthetic, both)) == 2 * sum(map(is_synthetic, aligned))
 
 
 def test_baselines_are_selectable():

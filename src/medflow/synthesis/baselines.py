@@ -1,11 +1,12 @@
 """Training sets of the baselines the AlignFlow harness compares against, written as nnU-Net
 raw datasets beside the synthetic ones (same labels, same reader, same segmenter):
 
-* :func:`augmented_dataset`: the source plus ``copies`` copies of every case through strong
-  appearance augmentation (MONAI's ``RandAdjustContrast``, ``RandBiasField``,
-  ``RandGaussianSmooth``, ``RandSimulateLowResolution``, ``RandGaussianNoise``), drawn once
-  per copy (offline: the segmenter's training loop is not changed, so a copy is one fixed
-  draw, not a new draw per step);
+* :func:`augmented_dataset`: the source (or any training set, synthetic pairs included) plus
+  ``copies`` copies of every case through strong appearance augmentation (MONAI's
+  ``RandAdjustContrast``, ``RandBiasField``, ``RandGaussianSmooth``,
+  ``RandSimulateLowResolution``, ``RandGaussianNoise``), drawn once per copy (offline: the
+  segmenter's training loop is not changed, so a copy is one fixed draw, not a new draw per
+  step);
 * :func:`histogram_matched_dataset`: the source with every case's tissue intensities mapped
   so that their distribution is that of the K reference images' tissue.
 
@@ -28,6 +29,7 @@ import torch
 
 from medflow.data.io import PNG_ENDINGS, build_folder, read_image, read_label, write_volume
 from medflow.data.layout import DatasetSpec, load_dataset
+from medflow.data.naming import is_synthetic
 from medflow.synthesis.align import References
 
 GAMMA = (0.5, 2.0)  # RandAdjustContrast: x -> x ** gamma on [0, 1]
@@ -124,11 +126,19 @@ def _write_like(source: DatasetSpec, out: Path, cases: list[tuple[str, np.ndarra
     return build_folder(out, write)
 
 
+def augmented_id(case_id: str, copy: int) -> str:
+    """The case id of augmented copy ``copy`` of ``case_id``: ``aug0_<id>``, except that a
+    synthetic case keeps its prefix in front (``synth_00003_aug0``), so that
+    ``TrainConfig.synthetic_fraction`` still counts its copies as synthetic."""
+    return f"{case_id}_aug{copy}" if is_synthetic(case_id) else f"aug{copy}_{case_id}"
+
+
 def augmented_dataset(
     source: str | Path, out: str | Path, copies: int, slice_axis: int, seed: int
 ) -> Path:
-    """The source's training cases and ``copies`` augmented copies of each
-    (:func:`augment_volume`, seeded by ``seed``, the copy and the case) at ``out``."""
+    """The training cases of ``source`` and ``copies`` augmented copies of each
+    (:func:`augment_volume`, seeded by ``seed``, the copy and the case) at ``out``; copy
+    ``j`` of case ``x`` is :func:`augmented_id` ``(x, j)``."""
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
     spec = load_dataset(source)
@@ -139,7 +149,7 @@ def augmented_dataset(
         for copy in range(copies):
             draw = seed * 1_000_003 + copy * 10_007 + i
             augmented = augment_volume(image, slice_axis, draw)
-            cases.append((f"aug{copy}_{case.case_id}", augmented, case.label))
+            cases.append((augmented_id(case.case_id, copy), augmented, case.label))
     _write_like(spec, Path(out), cases)
     return Path(out)
 

@@ -15,7 +15,10 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
    masks, outside :data:`DEFAULT_BASELINES`: source + pairs for real source masks of the
    model aligned on those masks (``translated``: against the stage-1-on-real-masks arm only
    the alignment differs) and of the model aligned to translate each mask's real image
-   from ``sdedit_start`` (``translated_sdedit``); and (``oracle``) the target's own
+   from ``sdedit_start`` (``translated_sdedit``); the aligned pairs under the same strong
+   augmentation as the source's (``augmented_aligned``: source + aligned pairs, every case
+   with its augmented copies; against ``augmented`` only the aligned pairs differ, so it
+   asks whether alignment adds anything to augmentation); and (``oracle``) the target's own
    labelled training cases, the upper bound;
 3. for every replicate seed ``r`` (``seeds``): every synthetic set drawn, every alignment
    run and every segmenter trained with seed ``r``, so conditions are compared paired,
@@ -31,7 +34,8 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
 
 Every condition trains one more segmenter per seed: the default baselines add
 ``3 + len(ks)`` arms to the core ``2 + len(ks)`` (+ oracle); ``translated`` and
-``translated_sdedit`` add ``len(ks)`` arms and ``len(ks)`` alignments per seed each.
+``translated_sdedit`` add ``len(ks)`` arms and ``len(ks)`` alignments per seed each,
+``augmented_aligned`` ``len(ks)`` arms (it reuses the aligned arms' alignments).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ EVAL_ENCODER_SEED = 1  # the reward's encoder has seed 0 by default
 ORACLE = "target labelled (oracle)"
 # what runs unless baselines are chosen; the translation arms cost an alignment per K each
 DEFAULT_BASELINES = ("equal_steps", "real_masks", "augmented", "histogram")
-BASELINES = (*DEFAULT_BASELINES, "translated", "translated_sdedit")
+BASELINES = (*DEFAULT_BASELINES, "translated", "translated_sdedit", "augmented_aligned")
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,18 @@ def _augmented(h: _Harness, seed: int) -> Path:
     )
 
 
+def _augmented_aligned(h: _Harness, seed: int, k: int) -> Path:
+    """The aligned arm's training set (source + pairs aligned to K references), every case,
+    real or synthetic, with its augmented copies as in :func:`_augmented`."""
+    aligned = _aligned(h, seed, k)
+    axis = SynthModel.load(h.stage1).prep.slice_axis
+    copies = h.cfg.augment_copies
+    return h.dataset(
+        f"augmented_aligned_k{k}_seed{seed}",
+        lambda p: augmented_dataset(aligned, p, copies, axis, seed),
+    )
+
+
 def _histogram(h: _Harness, seed: int, k: int) -> Path:
     def make(path: Path) -> None:
         refs = read_references(h.target / "references", SynthModel.load(h.stage1).prep, k)
@@ -378,6 +394,15 @@ def conditions(cfg: HarnessConfig, stage1_steps: int) -> list[Condition]:
             for route, baseline in translations
             for k in cfg.ks
         ),
+        *(
+            Condition(
+                f"source+augmented+aligned K={k}",
+                partial(_augmented_aligned, k=k),
+                f"aligned K={k}, augmented",
+                "augmented_aligned",
+            )
+            for k in cfg.ks
+        ),
     ]
     if cfg.oracle:
         arms.append(Condition(ORACLE, _target))
@@ -392,7 +417,8 @@ def contrasts(conds: list[Condition], rows: list[dict], ks) -> list[dict]:
     differs), against strong augmentation and against histogram matching to the same K;
     then every translated K against stage-1 images for real masks (only the alignment
     differs) and against aligned (only the masks differ), and the translation from t0
-    against the one from noise (only the start differs)."""
+    against the one from noise (only the start differs); then augmented + aligned against
+    augmented (only the aligned pairs differ) and against aligned (only the augmentation)."""
     names = {c.name for c in conds}
     out = []
     for k in ks:
@@ -412,6 +438,10 @@ def contrasts(conds: list[Condition], rows: list[dict], ks) -> list[dict]:
             (translated, f"source+aligned K={k}"),
             *((name, translated) for name in sdedit),
         ]
+        out += [paired_difference(rows, a, b) for a, b in pairs if a in names and b in names]
+    for k in ks:  # what the aligned pairs add to augmentation, and augmentation to them
+        both = f"source+augmented+aligned K={k}"
+        pairs = [(both, "source+augmented"), (both, f"source+aligned K={k}")]
         out += [paired_difference(rows, a, b) for a, b in pairs if a in names and b in names]
     return out
 
