@@ -80,7 +80,8 @@ def main() -> None:
         choices=BASELINES,
         default=list(DEFAULT_BASELINES),
         help="control, baseline and translation arms to run (default: "
-        f"{' '.join(DEFAULT_BASELINES)}; the translation arms only when named)",
+        f"{' '.join(DEFAULT_BASELINES)}; translated, translated_sdedit and "
+        "augmented_aligned only when named)",
     )
     ap.add_argument(
         "--sdedit-start", type=float, default=0.5, help="t0 of the translated_sdedit arm"
