@@ -18,8 +18,9 @@ image is measured as the segmenter sees it. Two measurements:
    other anatomy, same site and scanner), the generated sets (the *same* anatomy as those
    real slices: only the images differ), and the target site's test slabs (the size of the
    site gap, for scale; they are the reference slabs' own anatomy through the site's shift,
-   so they sit closer than other anatomy would wherever a group sees anatomy). Also the mean log band energy of each Laplacian level (finest
-   first): a generator that smooths has less fine-band energy than real images.
+   so they sit closer than other anatomy would wherever a group sees anatomy). Also the
+   mean log band energy of each Laplacian level (finest first): a generator that smooths
+   has less fine-band energy than real images.
 2. **Train on synthetic, test on real**: one segmenter on only the generated pairs of each N,
    and one on the real training slices, for every seed of ``--seeds``, all with the same
    config (the harness's segmenter: MedFlowSeg at 64 x 64, 200 steps), scored on the source's
