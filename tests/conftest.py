@@ -3,7 +3,11 @@ fixed seeds, and small helpers for writing tiny datasets."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,21 @@ TINY_TRAIN = dict(
     checkpoint_every=2,
     warmup_steps=2,
 )
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(script: str, name: str) -> Iterator:
+    """Import ``benchmarks/<script>`` as module ``name`` for a test module's fixture to
+    yield (registered in ``sys.modules`` while in use: dataclasses look their module up
+    there), and remove it afterwards."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[name]
 
 
 def train_flags(**fields) -> list[str]:

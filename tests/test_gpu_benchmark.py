@@ -1,25 +1,19 @@
 """benchmarks/gpu.py's CPU smoke path: the results file's structure, and numbers that agree
 with each other (slices/s is batch over seconds per call, the ratio is flow over UNet time)."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from benchmark_module("gpu.py", "gpu_benchmark")
 
 
 @pytest.fixture(scope="module")

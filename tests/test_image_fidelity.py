@@ -2,25 +2,15 @@
 the reference and not a same-distribution one, band energies that see blur and noise, and
 the train-on-synthetic summary's pairing with the real arm."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "image_fidelity.py"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("image_fidelity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from benchmark_module("image_fidelity.py", "image_fidelity")
 
 
 def heads(n: int, seed: int) -> torch.Tensor:

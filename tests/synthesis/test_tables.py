@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from medflow.synthesis.tables import markdown, paired_difference, paired_interval, summarise
+from medflow.synthesis.tables import (
+    markdown,
+    paired_across,
+    paired_difference,
+    paired_interval,
+    summarise,
+)
 
 
 def _rows(condition: str, dice: list[float], seeds=(0, 1, 2)) -> list[dict]:
@@ -58,3 +64,25 @@ def test_markdown_shows_intervals_and_contrasts():
     ci = summarise(rows)[1]["dice_gain_ci"]
     assert f"+2.0 [{ci[0]:+.1f}, {ci[1]:+.1f}]" in text
     assert "| aligned − source |" in text
+
+
+def test_pairing_across_runs_uses_each_runs_own_condition():
+    # two runs that share their source segmenters (identical source rows); the same arm name
+    # means different data in each, and only the common seeds pair
+    run_a = _rows("source", [0.50, 0.60, 0.70]) + _rows("source+aligned", [0.55, 0.64, 0.76])
+    run_b = _rows("source", [0.50, 0.60, 0.70]) + _rows("source+aligned", [0.52, 0.63], (0, 1))
+    d = paired_across(run_a, "source+aligned", run_b, "source+aligned")
+    assert d["seeds"] == 2
+    assert d["dice_values"] == pytest.approx([3.0, 1.0])
+    assert d["dice"] == pytest.approx(2.0) and d["iou"] == pytest.approx(1.0)
+    assert d["dice_ci"][0] < 2.0 < d["dice_ci"][1]
+    assert d["shared_max_diff"] == pytest.approx(0.0)
+
+
+def test_pairing_across_runs_reports_diverging_source_rows():
+    run_a = _rows("source", [0.50, 0.60, 0.70]) + _rows("x", [0.5, 0.5, 0.5])
+    run_b = _rows("source", [0.50, 0.62, 0.70]) + _rows("y", [0.4, 0.4, 0.4])
+    d = paired_across(run_a, "x", run_b, "y")
+    assert d["dice"] == pytest.approx(10.0) and d["dice_ci"] == pytest.approx([10.0, 10.0])
+    assert d["shared_max_diff"] == pytest.approx(2.0)
+    assert paired_across(run_a[3:], "x", run_b, "y")["shared_max_diff"] is None

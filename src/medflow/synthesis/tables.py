@@ -50,6 +50,28 @@ def paired_difference(rows: list[dict], a: str, b: str) -> dict:
     return out
 
 
+def paired_across(
+    a_rows: list[dict], a: str, b_rows: list[dict], b: str, shared: str = "source"
+) -> dict:
+    """Condition ``a`` of one harness run minus ``b`` of another, paired by replicate, as
+    :func:`paired_difference` pairs within a run (plus the per-seed ``{metric}_values``).
+
+    Pairing across runs removes what the replicates share only where both runs trained the
+    same segmenter for a seed: ``shared_max_diff`` is the largest difference (points) of the
+    ``shared`` condition's scores over the common seeds (0: the runs reproduce each other;
+    None: a run lacks it)."""
+    rows = [{**r, "condition": "a"} for r in a_rows if r["condition"] == a]
+    rows += [{**r, "condition": "b"} for r in b_rows if r["condition"] == b]
+    out = {**paired_difference(rows, "a", "b"), "condition": a, "versus": b}
+    for metric in METRICS:
+        sa, sb = _scores(rows, "a", metric), _scores(rows, "b", metric)
+        out[f"{metric}_values"] = [sa[s] - sb[s] for s in sorted(set(sa) & set(sb))]
+    sa, sb = _scores(a_rows, shared, "dice"), _scores(b_rows, shared, "dice")
+    common = sorted(set(sa) & set(sb))
+    out["shared_max_diff"] = max((abs(sa[s] - sb[s]) for s in common), default=None)
+    return out
+
+
 def summarise(rows: list[dict], base: str = "source") -> list[dict]:
     """Per condition (in order of appearance): mean and standard deviation over replicates,
     the values, and the paired gain over ``base`` with its interval."""
@@ -71,7 +93,7 @@ def summarise(rows: list[dict], base: str = "source") -> list[dict]:
     return out
 
 
-def _with_ci(value: float | None, ci: list[float] | None) -> str:
+def with_ci(value: float | None, ci: list[float] | None) -> str:
     if value is None:
         return ""
     return f"{value:+.1f}" + ("" if ci is None else f" [{ci[0]:+.1f}, {ci[1]:+.1f}]")
@@ -84,7 +106,7 @@ def score_table(summary: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for e in summary:
-        gains = [_with_ci(e[f"{m}_gain"], e[f"{m}_gain_ci"]) for m in METRICS]
+        gains = [with_ci(e[f"{m}_gain"], e[f"{m}_gain_ci"]) for m in METRICS]
         lines.append(
             f"| {e['condition']} | {e['dice']:.1f} ± {e['dice_std']:.1f} | "
             f"{e['iou']:.1f} ± {e['iou_std']:.1f} | {gains[0]} | {gains[1]} | {e['seeds']} |"
@@ -104,8 +126,8 @@ def contrast_table(contrasts: list[dict]) -> list[str]:
     ]
     for c in contrasts:
         lines.append(
-            f"| {c['condition']} − {c['versus']} | {_with_ci(c['dice'], c['dice_ci'])} | "
-            f"{_with_ci(c['iou'], c['iou_ci'])} | {c['seeds']} |"
+            f"| {c['condition']} − {c['versus']} | {with_ci(c['dice'], c['dice_ci'])} | "
+            f"{with_ci(c['iou'], c['iou_ci'])} | {c['seeds']} |"
         )
     return lines
 
