@@ -26,6 +26,17 @@ TINY_TRAIN = dict(
     warmup_steps=2,
 )
 
+# stage 1 of AlignFlow (SynthConfig) at the smallest size its tests learn something at
+TINY_SYNTH = dict(
+    size=16,
+    mask_channels=(8, 16),
+    image_channels=(8, 16),
+    batch_size=8,
+    sample_steps=3,
+    threads=1,
+    warmup_steps=5,
+)
+
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

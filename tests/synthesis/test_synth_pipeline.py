@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import make_nnunet_dataset
+from conftest import TINY_SYNTH, make_nnunet_dataset
 
 from medflow.cli import main
 from medflow.data.datasets import load_slices, plan_preprocessing
@@ -17,16 +17,6 @@ from medflow.synthesis.config import AlignConfig, SynthConfig
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.sample import case_groups, sample_dataset, to_raw
 from medflow.synthesis.train import train_synth
-
-TINY_SYNTH = dict(
-    size=16,
-    mask_channels=(8, 16),
-    image_channels=(8, 16),
-    batch_size=8,
-    sample_steps=3,
-    threads=1,
-    warmup_steps=5,
-)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,13 @@ sampler visits (function space, not weights): it lets the images' appearance mov
 the site while the mask condition keeps their structure; :func:`faithfulness` in the
 downstream harness checks that it does.
 
+With ``keep_outline`` (the default) every pixel that the frozen stage-1 flow leaves as
+background, for the same mask and start, is set to the background level in ``x_N`` before
+the reward sees it (:func:`medflow.synthesis.view.keep_outline`), and ``synth sample`` does
+the same with the stage-1 network the aligned checkpoint keeps: the reward moves the
+tissue's appearance and cannot grow the head into the background, which counts as tissue
+once it is raised above the background level.
+
 Translation from real masks (``AlignConfig.masks = "real"``): the masks are the labelled
 source's training masks instead of mask-flow samples, so the images are aligned for real
 anatomy. With ``start_time`` t0 > 0 (SDEdit-style) the sampler starts from the real image of
@@ -52,11 +59,12 @@ from medflow.engine.logs import write_log
 from medflow.engine.runtime import progress
 from medflow.errors import DataError, MedflowError
 from medflow.synthesis.config import AlignConfig
+from medflow.synthesis.image_flow import ImageFlow
 from medflow.synthesis.model import SynthModel, start_run
 from medflow.synthesis.preview import save_grid
 from medflow.synthesis.reward import FeatureEncoder, MMDReward
 from medflow.synthesis.sample import draw_order, source_slices
-from medflow.synthesis.view import foreground, segmenter_view
+from medflow.synthesis.view import foreground, keep_outline, segmenter_view, zero_level
 
 CHECKPOINT = "synth.pt"
 RUN_FILES = (CHECKPOINT, "align.json", "log.csv", "preview.png")
@@ -185,6 +193,22 @@ def _generate(model: SynthModel, masks: torch.Tensor, x: torch.Tensor, cfg: Alig
     return model.image_flow.sample_with_grad(masks, x, cfg.sampler_steps, start=cfg.start_time)
 
 
+def _outliner(model: SynthModel, stage1: ImageFlow, cfg: AlignConfig):
+    """``(images, masks, x0) -> images`` with stage 1's background kept (module
+    docstring), or None when ``cfg`` does not keep the outline or the samples have no zero
+    background to keep."""
+    level = zero_level(model.background_level, model.file_ending)
+    if not cfg.keep_outline or level is None:
+        return None
+
+    def outline(images: torch.Tensor, masks: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ref = stage1.sample_with_grad(masks, x0, cfg.sampler_steps, start=cfg.start_time)
+        return keep_outline(images, ref, level)
+
+    return outline
+
+
 def _viewer(model: SynthModel):
     """Generated images -> (what the segmenter will see of them, their foreground)."""
     return lambda x: segmenter_view(
@@ -227,6 +251,8 @@ def align(
     index = pool.evaluation(max(cfg.batch_size, 8), gen)
     eval_masks, eval_start = pool.batch(model.image_flow, index, gen, cfg.start_time)
     before = _generate(model, eval_masks, eval_start, cfg)
+    stage1 = ImageFlow(copy.deepcopy(model.image_flow.net).requires_grad_(False).eval())
+    outline = _outliner(model, stage1, cfg)
     see = _viewer(model)
     encoder = FeatureEncoder(
         len(model.channel_names), seed=cfg.encoder_seed, features=cfg.reward_features
@@ -242,8 +268,11 @@ def align(
         scale_mask=fg_before,
     )
     reward_before = float(reward(view_before, fg_before))
-    rows = _fine_tune(model, pool, reward, see, cfg, gen, quiet)
+    rows = _fine_tune(model, stage1, outline, (pool, reward, see), cfg, gen, quiet)
     after = _generate(model, eval_masks, eval_start, cfg)
+    if outline is not None:
+        model.outline_flow = stage1
+        after = keep_outline(after, before, zero_level(model.background_level, model.file_ending))
     summary = {
         "config": cfg.to_dict(),
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -287,11 +316,16 @@ def _save(out: Path, model: SynthModel, summary: dict, rows, preview, masks) -> 
     return model.save(out / CHECKPOINT)
 
 
-def _fine_tune(model, pool: _Pool, reward, see, cfg: AlignConfig, gen, quiet: bool) -> list[dict]:
+def _fine_tune(
+    model, stage1: ImageFlow, outline, objective, cfg: AlignConfig, gen, quiet: bool
+) -> list[dict]:
     """The reward fine-tuning loop (module docstring) on ``model.image_flow``, in place;
-    returns the log rows."""
+    ``stage1`` is the frozen copy the regulariser compares with, ``outline`` None or
+    :func:`_outliner`'s function, ``objective`` ``(pool, reward, see)``. Returns the log
+    rows."""
+    pool, reward, see = objective
     flow = model.image_flow
-    frozen = copy.deepcopy(flow.net).requires_grad_(False).eval()
+    frozen = stage1.net
     flow.net.train().requires_grad_(True)
     opt = torch.optim.AdamW(flow.net.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 10)
@@ -312,6 +346,8 @@ def _fine_tune(model, pool: _Pool, reward, see, cfg: AlignConfig, gen, quiet: bo
         images = flow.sample_with_grad(
             masks, x0, cfg.sampler_steps, cfg.checkpointing, regularise, start=cfg.start_time
         )
+        if outline is not None:
+            images = outline(images, masks, x0)
         r = reward(*see(images))
         reg = torch.stack(drift).mean()
         loss = r + cfg.reg_weight * reg

@@ -206,6 +206,12 @@ class AlignConfig:
         start_time: 0 integrates the sampler from noise; t0 in (0, 1) translates: it starts
             from ``(1 - t0) * noise + t0 * image``, the image of each real mask, and
             integrates from t0 to 1 only (needs masks "real"; sampling needs the images).
+        keep_outline: for a source with a zero background, every pixel that stage 1's image
+            flow leaves as background (for the same mask and start) stays background in the
+            aligned images, in the reward and in ``synth sample``: the reward can then change
+            the tissue's appearance but not grow the head into the background (which it did
+            at ``reg_weight`` 0.1; docs/ALIGNFLOW.md). The aligned checkpoint keeps stage 1's
+            image network for it.
     """
 
     k: int | None = None
@@ -221,6 +227,7 @@ class AlignConfig:
     threads: int | None = None
     masks: str = "flow"
     start_time: float = 0.0
+    keep_outline: bool = True
 
     def __post_init__(self) -> None:
         _check(

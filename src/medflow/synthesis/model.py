@@ -5,7 +5,9 @@ Written after stage 1 (``synth train``) and again after stage 2 (``synth align``
 fine-tuned image flow and an ``alignment`` record). Read with ``weights_only`` like every
 medflow checkpoint. The mask flow's options (encoding, slice positions, clean-up) are the
 optional ``mask_flow`` record; a checkpoint written before it existed reads as a one-hot
-flow without positions or clean-up, as it was trained.
+flow without positions or clean-up, as it was trained. An alignment that keeps the head's
+outline (``AlignConfig.keep_outline``) also stores stage 1's image network as the optional
+``outline_net``; without it the aligned flow samples alone, as before.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class SynthModel:
             reward was optimised through).
         config: the stage-1 config as a dict.
         alignment: None before stage 2; afterwards what it did (config, references, reward).
+        outline_flow: stage 1's image flow, kept by an alignment with ``keep_outline``: its
+            image for the same mask and noise says which pixels stay background
+            (:func:`medflow.synthesis.view.keep_outline`); None otherwise.
     """
 
     mask_flow: MaskFlow
@@ -84,6 +89,7 @@ class SynthModel:
     sample_steps: int
     config: dict
     alignment: dict | None = field(default=None)
+    outline_flow: ImageFlow | None = field(default=None)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -92,6 +98,8 @@ class SynthModel:
     def to(self, device: torch.device) -> SynthModel:
         self.mask_flow.net.to(device)
         self.image_flow.net.to(device)
+        if self.outline_flow is not None:
+            self.outline_flow.net.to(device)
         return self
 
     def save(self, path: str | Path) -> Path:
@@ -113,6 +121,7 @@ class SynthModel:
             "sample_steps": self.sample_steps,
             "alignment": self.alignment,
             "mask_flow": self.mask_flow.options(),
+            "outline_net": None if self.outline_flow is None else net(self.outline_flow.net),
         }
         return save_checkpoint(path, payload, REQUIRED)
 
@@ -125,11 +134,8 @@ class SynthModel:
         """
         ckpt = load_checkpoint(path, FORMAT, REQUIRED)
         try:
-            nets = []
-            for key in ("mask_net", "image_net"):
-                net = FlowUNet(FlowUNetConfig.from_dict(ckpt[key]["config"]))
-                net.load_state_dict(ckpt[key]["state"])
-                nets.append(net.eval())
+            nets = [_net(ckpt[key]) for key in ("mask_net", "image_net")]
+            outline = ckpt.get("outline_net")
             model = cls(
                 mask_flow=MaskFlow.from_options(nets[0], ckpt.get("mask_flow")),
                 image_flow=ImageFlow(nets[1]),
@@ -141,9 +147,17 @@ class SynthModel:
                 sample_steps=int(ckpt["sample_steps"]),
                 config=dict(ckpt["config"]),
                 alignment=ckpt.get("alignment"),
+                outline_flow=None if outline is None else ImageFlow(_net(outline)),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise DataError(
                 path, f"synthesis checkpoint is damaged or inconsistent: {str(exc)[:120]}"
             ) from exc
         return model.to(device) if device is not None else model
+
+
+def _net(entry: dict) -> FlowUNet:
+    """A stored network (``{"config": ..., "state": ...}``), in eval mode."""
+    net = FlowUNet(FlowUNetConfig.from_dict(entry["config"]))
+    net.load_state_dict(entry["state"])
+    return net.eval()

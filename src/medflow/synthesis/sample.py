@@ -51,7 +51,7 @@ from medflow.engine.runtime import progress, resolve_device
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.preview import save_grid
-from medflow.synthesis.view import BACKGROUND_TOLERANCE
+from medflow.synthesis.view import BACKGROUND_TOLERANCE, keep_outline, zero_level
 
 PREFIX = SYNTHETIC_PREFIX  # case ids synth_00000, ...: what TrainConfig.synthetic_fraction finds
 
@@ -236,6 +236,19 @@ class _Draw:
     start: float = 0.0
 
 
+def _images(model: SynthModel, masks, gen: torch.Generator, draw: _Draw, real):
+    """The image flow's images for ``masks``; for a model that keeps stage 1's outline
+    (``outline_flow``), stage 1's image from the same noise says which pixels stay
+    background (:func:`medflow.synthesis.view.keep_outline`)."""
+    state = gen.get_state()
+    images = model.image_flow.sample(masks, gen, draw.steps, start=draw.start, images=real)
+    if model.outline_flow is None:
+        return images
+    twin = torch.Generator().set_state(state)  # the same noise for stage 1
+    ref = model.outline_flow.sample(masks, twin, draw.steps, start=draw.start, images=real)
+    return keep_outline(images, ref, zero_level(model.background_level, model.file_ending))
+
+
 def _generate(model: SynthModel, draw: _Draw, mask_steps: int, quiet: bool):
     gen = torch.Generator().manual_seed(draw.seed)
     images, masks = [], []
@@ -247,9 +260,7 @@ def _generate(model: SynthModel, draw: _Draw, mask_steps: int, quiet: bool):
         else:
             masks.append(draw.masks[first : first + b].to(torch.uint8))
         real = None if draw.images is None else draw.images[first : first + b]
-        images.append(
-            model.image_flow.sample(masks[-1], gen, draw.steps, start=draw.start, images=real)
-        )
+        images.append(_images(model, masks[-1], gen, draw, real))
         bar.update(b)
     bar.close()
     return torch.cat(images), torch.cat(masks)

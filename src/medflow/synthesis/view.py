@@ -48,6 +48,29 @@ def foreground(images: torch.Tensor, level: float | torch.Tensor | None) -> torc
     return (images - level >= BACKGROUND_TOLERANCE).any(1, keepdim=True)
 
 
+def zero_level(background_level: float | None, ending: str) -> float | None:
+    """The normalised level that ``synth sample`` writes as the zero background, for samples
+    written with ``ending``: None for PNG (each image is rescaled on its own) or a source
+    without a zero background."""
+    return None if ending.lower() in PNG_ENDINGS else background_level
+
+
+def keep_outline(
+    images: torch.Tensor, outline: torch.Tensor, level: float | torch.Tensor | None
+) -> torch.Tensor:
+    """``images`` ``(B, C, H, W)`` with every pixel that is background in ``outline`` (the
+    same shape: stage 1's images for the same masks and start) set to the background
+    ``level``; the rest unchanged (and differentiable). Without a zero background
+    (``level`` None) there is no outline to keep: ``images`` is returned as it is."""
+    if level is None:
+        return images
+    if outline.shape != images.shape:
+        raise ValueError(f"outline {tuple(outline.shape)} for images {tuple(images.shape)}")
+    fg = foreground(outline.detach(), level)
+    level = torch.as_tensor(level, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+    return torch.where(fg, images, level.expand_as(images))
+
+
 def _zscore(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """``x`` minus the mean, over the standard deviation, of its values in ``region`` (the
     reader's z-score, population std as numpy's); gradients flow through the statistics."""
@@ -80,7 +103,7 @@ def segmenter_view(
     if images.ndim != 4 or images.shape[1] != len(schemes):
         raise ValueError(f"expected images (B, {len(schemes)}, H, W), got {tuple(images.shape)}")
     png = ending.lower() in PNG_ENDINGS
-    level = None if png else background_level
+    level = zero_level(background_level, ending)
     fg = foreground(images.detach(), level)
     channels = []
     for c, scheme in enumerate(schemes):
