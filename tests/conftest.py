@@ -124,6 +124,20 @@ def make_nnunet_dataset(
     return root
 
 
+def skull_strip(root: Path) -> Path:
+    """A tiny dataset's images with exact zeros outside an ellipse (a skull-stripped head)."""
+    import nibabel as nib
+
+    for path in sorted(root.glob("images*/*.nii.gz")):
+        img = nib.load(path)
+        data = img.get_fdata().astype(np.float32)
+        xx, yy = np.meshgrid(np.arange(data.shape[0]), np.arange(data.shape[1]), indexing="ij")
+        head = ((xx - 11.5) / 10.0) ** 2 + ((yy - 9.5) / 8.0) ** 2 < 1.0
+        data[~head] = 0.0
+        nib.save(nib.Nifti1Image(data, img.affine), str(path))
+    return root
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return make_nnunet_dataset(tmp_path / "ds")

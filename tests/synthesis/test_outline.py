@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SYNTH, make_nnunet_dataset
+from conftest import TINY_SYNTH, make_nnunet_dataset, skull_strip
 
 from medflow.synthesis.align import align
 from medflow.synthesis.config import AlignConfig, SynthConfig
@@ -19,22 +19,10 @@ from medflow.synthesis.train import train_synth
 from medflow.synthesis.view import BACKGROUND_TOLERANCE, keep_outline, zero_level
 
 
-def _skull_strip(root: Path) -> Path:
-    """The tiny dataset with exact zeros outside an ellipse (a skull-stripped head)."""
-    for path in sorted(root.glob("images*/*.nii.gz")):
-        img = nib.load(path)
-        data = img.get_fdata().astype(np.float32)
-        xx, yy = np.meshgrid(np.arange(data.shape[0]), np.arange(data.shape[1]), indexing="ij")
-        head = ((xx - 11.5) / 10.0) ** 2 + ((yy - 9.5) / 8.0) ** 2 < 1.0
-        data[~head] = 0.0
-        nib.save(nib.Nifti1Image(data, img.affine), str(path))
-    return root
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     ds = make_nnunet_dataset(tmp_path_factory.mktemp("src") / "ds", n_train=4, n_test=2)
-    return _skull_strip(ds)
+    return skull_strip(ds)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ from medflow.engine.runtime import progress, resolve_device
 from medflow.errors import MedflowError, OutputExistsError
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.preview import save_grid
+from medflow.synthesis.train import common_background
 from medflow.synthesis.view import BACKGROUND_TOLERANCE, keep_outline, zero_level
 
 PREFIX = SYNTHETIC_PREFIX  # case ids synth_00000, ...: what TrainConfig.synthetic_fraction finds
@@ -71,7 +72,8 @@ def draw_order(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
 
 def source_slices(source: str | Path, model: SynthModel):
     """The labelled training slices of ``source`` (masks ``(N, H, W)``, images
-    ``(N, C, H, W)``) prepared with the model's preprocessing, as stage 1 trained on them.
+    ``(N, C, H, W)``) prepared with the model's preprocessing, as stage 1 trained on them
+    (each case's background at the model's level, :func:`.train.common_background`).
 
     Raises:
         MedflowError: a dataset without labelled cases, or with other labels or channels
@@ -88,7 +90,9 @@ def source_slices(source: str | Path, model: SynthModel):
         problem += str(len(model.channel_names))
     if problem:
         raise MedflowError(f"{source}: {problem}; give the model's labelled source dataset")
-    return load_slices(spec.training, model.prep, spec.num_classes)
+    return common_background(
+        load_slices(spec.training, model.prep, spec.num_classes), model.background_level
+    )
 
 
 def real_pairs(

@@ -8,6 +8,14 @@ trains both flows on the same batch of slices with one optimiser, or, with
 possibly for more steps); the exponential moving averages of their weights are saved. The
 run folder holds ``synth.pt``, ``config.json``, ``log.csv`` and ``preview.png`` (generated
 pairs beside real ones).
+
+One thing differs from the segmenter's reading: each case is z-scored over its own nonzero
+voxels, so its zero background lands at a level of its own (on the builtin MNI slabs from
+0.7 below to 1.6 above the median). The image flow would learn that spread and draw some
+heads inside a dim frame, which ``synth sample`` cannot tell from tissue (it writes only
+pixels at the common level as background) and the reader then normalises as part of the
+head. Stage 1 therefore trains on each case shifted so its background sits at the common
+level (:func:`common_background`); the reader's z-score erases such a shift of the tissue.
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medflow import __version__
@@ -41,6 +50,10 @@ RUN_FILES = (CHECKPOINT, "config.json", "log.csv", "preview.png", "preview_masks
 # with separate optimisers the mask flow draws its batches and noise from a generator seeded
 # ``seed + MASK_STREAM``, independent of the image flow's
 MASK_STREAM = 1_000_003
+# a case's zero background: the pixels at its minimum (bilinear resizing, a convex
+# combination, cannot go below it), when they are at least this share of its pixels
+_AT_ZERO = 1e-4
+_MIN_BACKGROUND = 0.1
 
 
 def load_source(
@@ -69,6 +82,24 @@ def background_level(images: torch.Tensor, spec: DatasetSpec) -> float | None:
     return float(images.amin(dim=(1, 2, 3)).median())
 
 
+def common_background(slices: SliceSet, level: float | None) -> SliceSet:
+    """``slices`` with each case's images shifted, per channel, so that its zero background
+    (its minimum, where at least a tenth of its pixels sit there) lies at ``level``; cases
+    and channels without such a background, and every case when ``level`` is None, are
+    left as they are (module docstring)."""
+    if level is None:
+        return slices
+    images = slices.images.clone()
+    ids = np.asarray(slices.case_ids)
+    for case in dict.fromkeys(slices.case_ids):
+        rows = torch.from_numpy(np.flatnonzero(ids == case))
+        x = images[rows]
+        zero = x.amin(dim=(0, 2, 3), keepdim=True)
+        share = (x - zero <= _AT_ZERO).to(x.dtype).mean(dim=(0, 2, 3), keepdim=True)
+        images[rows] = x + torch.where(share >= _MIN_BACKGROUND, level - zero, 0.0)
+    return replace(slices, images=images)
+
+
 def train_synth(
     data: str | Path,
     out: str | Path,
@@ -84,6 +115,8 @@ def train_synth(
         out, RUN_FILES, force=force, device=device, threads=cfg.threads, seed=cfg.seed
     )
     spec, slices, prep = load_source(data, cfg.size, cfg.slice_axis)
+    level = background_level(slices.images, spec)
+    slices = common_background(slices, level)
     flows = train_flows(
         slices, spec.num_classes, len(spec.channel_names), cfg, dev, gen, quiet=quiet
     )
@@ -95,7 +128,7 @@ def train_synth(
         labels=dict(spec.labels),
         channel_names=list(spec.channel_names),
         file_ending=spec.file_ending,
-        background_level=background_level(slices.images, spec),
+        background_level=level,
         sample_steps=cfg.sample_steps,
         config=cfg.to_dict(),
     )
