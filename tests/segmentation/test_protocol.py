@@ -69,6 +69,39 @@ def test_reuse_reads_back_a_finished_run_and_retrains_a_changed_one(data, tmp_pa
     assert trained == ["flow_seed0"]  # only the arm whose config changed
 
 
+def test_reuse_survives_moving_a_folder_that_holds_its_own_datasets(tmp_path, monkeypatch):
+    import shutil
+
+    first_out = tmp_path / "first"
+    data = make_nnunet_dataset(first_out / "data" / "ds", n_test=1)
+    arm = Arm("flow", data, FIELDS)
+    first = run_protocol([arm], [0], first_out)
+    moved = tmp_path / "moved"
+    shutil.copytree(first_out, moved)
+    shutil.rmtree(first_out)
+    real, trained = protocol.train, []
+
+    def counting(data, out, cfg, **kw):
+        trained.append(out.name)
+        return real(data, out, cfg, **kw)
+
+    monkeypatch.setattr(protocol, "train", counting)
+    arm = Arm("flow", moved / "data" / "ds", FIELDS)
+    again = run_protocol([arm], [0], moved, reuse=True)
+    assert trained == [] and again == first
+    # a key written with absolute paths inside the folder (older runs) is read the same way
+    path = moved / "runs" / "flow_seed0" / "result.json"
+    record = json.loads(path.read_text())
+    assert record["key"]["data"] == "out/data/ds"
+    record["key"]["data"] = record["key"]["test"] = str(moved / "data" / "ds")
+    path.write_text(json.dumps(record))
+    assert run_protocol([arm], [0], moved, reuse=True) == first and trained == []
+    # another dataset is another run
+    other = make_nnunet_dataset(moved / "data" / "other", n_test=1)
+    run_protocol([Arm("flow", other, FIELDS)], [0], moved, reuse=True)
+    assert trained == ["flow_seed0"]
+
+
 def test_a_slow_setting_runs_on_the_first_seed_only_and_train_only_arms_give_checkpoints(
     data, tmp_path
 ):

@@ -17,8 +17,10 @@ drawn with, resolved), ``train_steps``, ``train_seconds``, ``best_val_dice``, ``
 
 With ``reuse``, a run whose ``result.json`` holds the same arm (data, fields, settings, test
 data) and seed is read back rather than trained again, so a protocol that was killed can be
-finished and extended. An arm with no settings only trains (a protocol that scores its
-checkpoints its own way, as the rater benchmark does, gets them from the rows).
+finished and extended. Datasets inside ``out`` are keyed relative to it, so a copied or moved
+protocol folder that holds its own datasets is reused as well. An arm with no settings only
+trains (a protocol that scores its checkpoints its own way, as the rater benchmark does, gets
+them from the rows).
 """
 
 from __future__ import annotations
@@ -95,16 +97,28 @@ class Arm:
     def config(self, seed: int) -> TrainConfig:
         return TrainConfig(**{"threads": torch.get_num_threads(), **self.train, "seed": seed})
 
-    def key(self, seed: int) -> dict:
-        """What a finished run must match to be reused (JSON-normalised)."""
+    def key(self, seed: int, out: Path | None = None) -> dict:
+        """What a finished run must match to be reused (JSON-normalised). Datasets inside
+        ``out`` are recorded relative to it (:func:`_portable`), so a protocol folder that
+        holds its own datasets (the AlignFlow harness's) can be moved or copied and still
+        be reused."""
         key = {
             "arm": self.name,
-            "data": str(Path(self.data).resolve()),
-            "test": str(Path(self.test or self.data).resolve()),
+            "data": _portable(self.data, out),
+            "test": _portable(self.test or self.data, out),
             "config": self.config(seed).to_dict(),
             "settings": [[s.label, dataclasses.asdict(s.options)] for s in self.settings],
         }
         return json.loads(json.dumps(key))
+
+
+def _portable(path: str | Path, out: Path | None) -> str:
+    """``path`` resolved, as ``out/…`` relative to ``out`` when it lies inside it (a stored
+    absolute path inside ``out`` is read the same way), else absolute."""
+    path = Path(path).resolve()
+    if out is not None and path.is_relative_to(root := Path(out).resolve()):
+        return str(Path("out") / path.relative_to(root))
+    return str(path)
 
 
 def _slug(text: str) -> str:
@@ -128,8 +142,8 @@ def run_arm(
     """Train one arm with one seed, predict and score every setting not in ``skip``; the
     rows (also written to the run's ``result.json``). See the module docstring."""
     out, run = Path(out), run_dir(out, arm, seed)
-    key = arm.key(seed)
-    if reuse and (record := _finished(run, key)) is not None:
+    key = arm.key(seed, out)
+    if reuse and (record := _finished(run, key, out)) is not None:
         return record
     result = train(arm.data, run, arm.config(seed), device=device, force=True, quiet=True)
     rows = [_train_row(arm, seed, result, out)] if not arm.settings else []
@@ -142,28 +156,35 @@ def run_arm(
     return rows
 
 
-def _finished(run: Path, key: dict) -> list[dict] | None:
+def _finished(run: Path, key: dict, out: Path) -> list[dict] | None:
     path = run / RESULT
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     stored = record.get("key")
-    return record["rows"] if stored is not None and _current(stored) == key else None
+    return record["rows"] if stored is not None and _current(stored, out) == key else None
 
 
-def _current(key: dict) -> dict:
+def _current(key: dict, out: Path) -> dict:
     """A stored key as today's code writes it: a config or sampling options written before a
     field existed read with the value that reproduces them (``TrainConfig.from_dict``, the
     options' defaults), so a new field with an old-behaviour default does not force a
-    retrain."""
+    retrain, and an absolute dataset path inside ``out`` (written before keys were
+    portable) read relative to ``out``."""
     try:
         config = TrainConfig.from_dict(key["config"]).to_dict()
         settings = [
             [label, dataclasses.asdict(SamplingOptions(**o))] for label, o in key["settings"]
         ]
+        paths = {name: _stored_path(key[name], out) for name in ("data", "test")}
     except (KeyError, TypeError, ValueError):
         return key
-    return json.loads(json.dumps({**key, "config": config, "settings": settings}))
+    return json.loads(json.dumps({**key, **paths, "config": config, "settings": settings}))
+
+
+def _stored_path(stored: str, out: Path) -> str:
+    # a portable path ("out/...") is kept; an absolute one is portable if it is inside out
+    return stored if not Path(stored).is_absolute() else _portable(stored, out)
 
 
 def _train_row(arm: Arm, seed: int, result: TrainResult, out: Path) -> dict:
