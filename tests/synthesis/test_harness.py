@@ -96,6 +96,9 @@ def test_every_condition_is_trained_scored_and_graded(harness):
     assert list(record["distances_to_target_test"]) == ["source real", *sets]
     assert list(record["mask_statistics"]) == ["source real", *sets]
     assert set(record["alignment"]) == {"1", "2"} and set(record["alignment"]["1"]) == {"0"}
+    # every class's mean before and after alignment, per channel (class anchors off)
+    means = record["alignment"]["1"]["0"]["class_means"]
+    assert set(means) == {"before", "after"} and len(means["after"][0]) == 3
     compared = {(c["condition"], c["versus"]) for c in record["contrasts"]}
     assert ("source+aligned K=2", "source+unaligned, 2 steps") in compared
     assert ("source+aligned K=1", "source hist-matched K=1") in compared

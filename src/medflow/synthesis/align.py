@@ -15,10 +15,14 @@ over the tissue only; the references are prepared exactly as ``medflow train`` p
 target scan (:func:`read_references`). ``v_0`` is the stage-1 field (frozen copy), ``sg``
 stop-gradient. The reward is back-propagated through all
 ``N`` sampler steps, each recomputed in the backward pass (gradient checkpointing) so memory
-does not grow with ``N``. The regulariser keeps the field near stage 1's on the states the
-sampler visits (function space, not weights): it lets the images' appearance move towards
-the site while the mask condition keeps their structure; :func:`faithfulness` in the
-downstream harness checks that it does.
+does not grow with ``N``. With ``class_anchor_weight`` w > 0 the loss adds
+``w * mean_c (m_c - a_c)^2``: each class's mean in the batch (by its masks, over its tissue,
+as the segmenter sees it) held to the target's, estimated from the references
+(:mod:`medflow.synthesis.anchors`; experimental: its estimate is not yet reliable). The
+regulariser keeps the field near stage 1's on the states the sampler visits (function
+space, not weights): it lets the images' appearance move towards the site while the mask
+condition keeps their structure; :func:`faithfulness` in the downstream harness checks
+that it does.
 
 With ``keep_outline`` (the default) every pixel that the frozen stage-1 flow leaves as
 background, for the same mask and start, is set to the background level in ``x_N`` before
@@ -58,6 +62,7 @@ from medflow.data.transforms import Preprocessing
 from medflow.engine.logs import write_log
 from medflow.engine.runtime import progress
 from medflow.errors import DataError, MedflowError
+from medflow.synthesis.anchors import ClassAnchors, class_means
 from medflow.synthesis.config import AlignConfig
 from medflow.synthesis.image_flow import ImageFlow
 from medflow.synthesis.model import SynthModel, start_run
@@ -268,11 +273,14 @@ def align(
         scale_mask=fg_before,
     )
     reward_before = float(reward(view_before, fg_before))
-    rows = _fine_tune(model, stage1, outline, (pool, reward, see), cfg, gen, quiet)
+    anchors = _anchors(model, refs, (view_before, fg_before, eval_masks), cfg)
+    objective = (pool, reward, see, anchors)
+    rows = _fine_tune(model, stage1, outline, objective, cfg, gen, quiet)
     after = _generate(model, eval_masks, eval_start, cfg)
     if outline is not None:
         model.outline_flow = stage1
         after = keep_outline(after, before, zero_level(model.background_level, model.file_ending))
+    contrast = _class_contrast(model, see, (before, after), eval_masks, anchors)
     summary = {
         "config": cfg.to_dict(),
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -286,6 +294,7 @@ def align(
         "start_time": cfg.start_time,
         "source": str(Path(source).resolve()) if cfg.masks == "real" else None,
         "pool_masks": len(pool.masks),
+        "class_means": contrast,
         "seconds": rows[-1]["seconds"],
         "device": str(dev),
         "threads": torch.get_num_threads(),
@@ -295,6 +304,33 @@ def align(
     real = [] if pool.images is None else [("source images", pool.images[index])]
     preview = [("references", refs.images[:n]), *real, ("before", before), ("aligned", after)]
     return _save(out, model, summary, rows, preview, eval_masks)
+
+
+def _n_classes(model: SynthModel) -> int:
+    return max(model.labels.values()) + 1
+
+
+def _anchors(model: SynthModel, refs: References, stage1_batch, cfg: AlignConfig):
+    """The class-anchor term (:class:`~medflow.synthesis.anchors.ClassAnchors`) from the
+    references (as the segmenter sees them) and the stage-1 evaluation batch ``(view, fg,
+    masks)``; None when ``cfg.class_anchor_weight`` is 0."""
+    if cfg.class_anchor_weight == 0:
+        return None
+    view, fg, masks = stage1_batch
+    tissue = refs.foreground[:, 0].to(view.device)
+    values = [refs.images[:, c].to(view.device)[tissue] for c in range(refs.images.shape[1])]
+    return ClassAnchors(values, view, fg, masks, _n_classes(model))
+
+
+def _class_contrast(model: SynthModel, see, images, masks, anchors) -> dict:
+    """The evaluation batch's mean per class and channel (segmenter view, by its masks, over
+    its tissue) before and after alignment, and the anchors' record when the term was on:
+    how much of the classes' contrast the alignment kept."""
+    out = {
+        name: class_means(*see(x), masks, _n_classes(model))[0].tolist()
+        for name, x in zip(("before", "after"), images, strict=True)
+    }
+    return {**out, **(anchors.record() if anchors is not None else {})}
 
 
 # what the checkpoint keeps of align.json; the route (masks, start_time, source) travels
@@ -321,9 +357,9 @@ def _fine_tune(
 ) -> list[dict]:
     """The reward fine-tuning loop (module docstring) on ``model.image_flow``, in place;
     ``stage1`` is the frozen copy the regulariser compares with, ``outline`` None or
-    :func:`_outliner`'s function, ``objective`` ``(pool, reward, see)``. Returns the log
-    rows."""
-    pool, reward, see = objective
+    :func:`_outliner`'s function, ``objective`` ``(pool, reward, see, anchors)`` with
+    ``anchors`` None or :func:`_anchors`' term. Returns the log rows."""
+    pool, reward, see, anchors = objective
     flow = model.image_flow
     frozen = stage1.net
     flow.net.train().requires_grad_(True)
@@ -348,9 +384,14 @@ def _fine_tune(
         )
         if outline is not None:
             images = outline(images, masks, x0)
-        r = reward(*see(images))
+        view, fg = see(images)
+        r = reward(view, fg)
         reg = torch.stack(drift).mean()
         loss = r + cfg.reg_weight * reg
+        anchor = None
+        if anchors is not None:
+            anchor = anchors(view, fg, masks)
+            loss = loss + cfg.class_anchor_weight * anchor
         if not torch.isfinite(loss):
             raise MedflowError(f"synth align: loss became {loss.item()} at step {step + 1}")
         opt.zero_grad(set_to_none=True)
@@ -364,6 +405,7 @@ def _fine_tune(
                 "reward": r.item(),
                 "drift": reg.item(),
                 "loss": loss.item(),
+                **({} if anchor is None else {"anchor": anchor.item()}),
                 "seconds": time.perf_counter() - t0,
             }
         )

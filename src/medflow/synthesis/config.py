@@ -212,6 +212,10 @@ class AlignConfig:
             the tissue's appearance but not grow the head into the background (which it did
             at ``reg_weight`` 0.1; docs/ALIGNFLOW.md). The aligned checkpoint keeps stage 1's
             image network for it.
+        class_anchor_weight: weight of the class-anchor term (:mod:`medflow.synthesis.anchors`):
+            each class's mean intensity in the aligned images (by their masks, over their
+            tissue) is held to the target's, estimated from the references by a mixture
+            with the classes' shares fixed; 0 (the default) leaves the objective as before.
     """
 
     k: int | None = None
@@ -228,6 +232,7 @@ class AlignConfig:
     masks: str = "flow"
     start_time: float = 0.0
     keep_outline: bool = True
+    class_anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check(
@@ -243,6 +248,7 @@ class AlignConfig:
                 (self.sampler_steps >= 1, "sampler_steps must be >= 1"),
                 (self.lr > 0, "lr must be positive"),
                 (self.reg_weight >= 0, "reg_weight must be >= 0"),
+                (self.class_anchor_weight >= 0, "class_anchor_weight must be >= 0"),
             ],
             self,
         )

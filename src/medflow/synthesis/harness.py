@@ -67,6 +67,8 @@ from medflow.synthesis.sample import PREFIX, real_pairs, sample_dataset
 from medflow.synthesis.tables import markdown, paired_difference, summarise
 from medflow.synthesis.train import train_synth
 
+# what results.json keeps of every alignment's align.json
+ALIGNMENT_FIELDS = ("reward_before", "reward_after", "reference_slices", "seconds", "class_means")
 EVAL_ENCODER_SEED = 1  # the reward's encoder has seed 0 by default
 ORACLE = "target labelled (oracle)"
 # what runs unless baselines are chosen; the translation arms cost an alignment per K each
@@ -520,7 +522,8 @@ def run_alignflow(
             str(k): {
                 str(seed): {
                     key: a[key]
-                    for key in ("reward_before", "reward_after", "reference_slices", "seconds")
+                    for key in ALIGNMENT_FIELDS
+                    if key in a  # class_means: alignments since class anchors
                 }
                 for seed, a in by_seed.items()
             }

@@ -1,0 +1,141 @@
+"""Class anchors: the target site's mean intensity of every label class, estimated from the
+unlabelled references, that the aligned images' classes are held to (``synth align
+--class-anchor-weight``).
+
+Why: the reward compares image statistics over the tissue with no regard to the masks, so
+it is met as well by images whose classes lost their contrast (a flat head with the right
+histogram tail) as by images with the target's contrast between the right classes. On both
+simulated sites the alignment took the first way: the white-minus-grey gap of the aligned
+images fell to 0.09-0.19 (segmenter view, mask-flow masks) against 0.61 / 0.44 on the real
+target slabs (docs/ALIGNFLOW.md), so the pairs taught masks the images no longer show.
+
+How, without target labels: the references' tissue intensities (as the segmenter sees
+them, at the model's size) are modelled as a mixture with one Gaussian per class, each
+class's weight fixed at its share of the tissue in the stage-1 batch's masks (the anatomy
+does not change with the site), and EM estimates the means and variances, started from the
+stage-1 images' class means. With the weights fixed, overlapping components are not split
+at the histogram's middle as a free mixture splits them: on all eight labelled training
+slabs of each simulated site at native resolution (labels used only to check) the estimate
+is grey/white 0.02 / 0.50 against the true 0.04 / 0.47 (site-c) and -0.14 / 0.78 against
+-0.06 / 0.58 (site-b), where a free three-component mixture gives -0.30 / 0.58 on site-c.
+
+**Experimental: the estimate is not reliable where the alignment needs it.** At the model's
+64 x 64 the classes blur into each other (site-c's training slices in that view: 0.32 /
+0.30 against the true 0.19 / 0.62), and on K = 5 single reference slices it is too wide
+(site-c: -0.17 / 1.10 in the view; -0.24 / 1.00 even at native resolution, -0.07 / 0.70
+with K = 10):
+a slice's class shares are not the anatomy's. Measured once (site-c, seed 0, weight 10):
+the term kept the classes apart (white minus grey 0.57 against 0.19 without) and the
+source segmenter read the pairs at 0.81 (0.62 without), but the anchors' source-like
+contrast held the images away from the target (MMD^2 3.60, unaligned 3.44) and the
+segmenter gained nothing (docs/ALIGNFLOW.md). Off by default.
+
+The anchor term is ``mean over classes and channels of (m_c - a_c)^2``, ``m_c`` the batch's
+mean over its pixels of class ``c`` (from each image's mask, within its tissue) and ``a_c``
+the anchor; class 0 inside the tissue is the tissue no label covers (fluid, for the brain).
+"""
+
+from __future__ import annotations
+
+import torch
+
+EM_ITERATIONS = 100
+MIN_VARIANCE = 1e-4
+
+
+def class_means(
+    view: torch.Tensor, fg: torch.Tensor, masks: torch.Tensor, n_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the mean of ``view`` over the tissue pixels of each class, pooled over
+    the batch, and each class's share of the tissue.
+
+    Args:
+        view: ``(B, C, H, W)`` images as the segmenter sees them (differentiable).
+        fg: ``(B, 1, H, W)`` bool tissue.
+        masks: ``(B, H, W)`` integer labels ``0 .. n_classes - 1``.
+        n_classes: number of classes, background (class 0) included.
+
+    Returns:
+        ``(means, shares)``: ``means`` ``(C, n_classes)`` (a class with no tissue pixel has
+        mean 0), ``shares`` ``(n_classes,)`` summing to 1 (no gradient).
+    """
+    if masks.shape != (view.shape[0], *view.shape[2:]):
+        raise ValueError(f"masks {tuple(masks.shape)} do not fit images {tuple(view.shape)}")
+    onehot = torch.nn.functional.one_hot(masks.long(), n_classes).permute(0, 3, 1, 2)
+    weight = (onehot * fg).to(view.dtype)  # (B, K, H, W)
+    counts = weight.sum(dim=(0, 2, 3))  # (K,)
+    sums = torch.einsum("bkhw,bchw->ck", weight, view)
+    means = sums / counts.clamp_min(1.0)
+    return means, (counts / counts.sum().clamp_min(1.0)).detach()
+
+
+def estimate_anchors(
+    values: torch.Tensor, shares: torch.Tensor, init: torch.Tensor, iterations: int = EM_ITERATIONS
+) -> torch.Tensor:
+    """The class means of a one-dimensional Gaussian mixture fitted by EM to ``values`` with
+    the mixing weights held at ``shares`` (module docstring).
+
+    Args:
+        values: ``(N,)`` tissue intensities of the references, one channel.
+        shares: ``(K,)`` mixing weights (the classes' shares of the tissue), summing to 1.
+        init: ``(K,)`` starting means (stage 1's class means).
+        iterations: EM iterations.
+
+    Returns:
+        ``(K,)`` the estimated means; a class of weight 0 keeps its starting mean.
+    """
+    x = values.double()[:, None]
+    mu = init.double().clone()
+    var = torch.full_like(mu, float(x.var()))
+    log_w = shares.double().clamp_min(1e-12).log()
+    live = shares > 0
+    for _ in range(iterations):
+        log_p = -0.5 * (x - mu) ** 2 / var - 0.5 * var.log() + log_w
+        resp = torch.softmax(log_p, dim=1)
+        n = resp.sum(0)
+        new_mu = (resp * x).sum(0) / n.clamp_min(1e-12)
+        mu = torch.where(live, new_mu, mu)
+        var = torch.where(
+            live, (resp * (x - mu) ** 2).sum(0) / n.clamp_min(1e-12) + MIN_VARIANCE, var
+        )
+    return mu.to(values.dtype)
+
+
+class ClassAnchors:
+    """The anchor term for one alignment.
+
+    Args:
+        ref_values: per channel, the references' tissue intensities ``(N_c,)`` as the
+            segmenter sees them.
+        view: ``(B, C, H, W)`` a stage-1 batch as the segmenter sees it.
+        fg: ``(B, 1, H, W)`` its tissue.
+        masks: ``(B, H, W)`` its masks.
+        n_classes: number of classes, background included.
+    """
+
+    def __init__(self, ref_values, view, fg, masks, n_classes: int) -> None:
+        if len(ref_values) != view.shape[1]:
+            raise ValueError(f"{len(ref_values)} reference channel(s) for {view.shape[1]}")
+        self.n_classes = n_classes
+        before, shares = class_means(view.detach(), fg, masks, n_classes)
+        self.shares, self.before = shares, before
+        self.anchors = torch.stack(
+            [
+                estimate_anchors(values.to(before), shares, before[c])
+                for c, values in enumerate(ref_values)
+            ]
+        )
+
+    def __call__(self, view: torch.Tensor, fg: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """``mean over classes present and channels of (m_c - a_c)^2`` for a batch."""
+        means, shares = class_means(view, fg, masks, self.n_classes)
+        present = shares > 0
+        return (means - self.anchors.to(means))[:, present].pow(2).mean()
+
+    def record(self) -> dict:
+        """Anchors, stage 1's class means and the class shares, for ``align.json``."""
+        return {
+            "anchors": self.anchors.tolist(),
+            "stage1_means": self.before.tolist(),
+            "shares": self.shares.tolist(),
+        }
