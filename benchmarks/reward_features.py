@@ -1,4 +1,4 @@
-"""Which of the reward encoder's feature groups sees the simulated site-b (AlignFlow issue 14)?
+"""Which of the reward encoder's feature groups sees the simulated sites (AlignFlow issue 14)?
 
     python benchmarks/reward_features.py            # ~10 s on one thread
 
@@ -6,9 +6,9 @@ builds ``mni152-tissue`` and ``mni152-tissue-shifted`` (or reads ``--data``), re
 training slice of both sites as the segmenter sees a scan (``synth align``'s
 :func:`~medflow.synthesis.align.read_references`: cropped and z-scored per slab, the tissue
 foreground above the slab's zero level), at the synthesis model's default 64 x 64, and also
-the source's training slabs through each component of the shift alone (``apply_shift``
-seeded per slab as the builtin is). For every site and every feature group alone (and the
-default and all groups together) it reports
+the source's training slabs through site-c's shift and through each component of either
+shift alone (``apply_shift`` seeded per slab as the builtins are). For every site and every
+feature group alone (and the default and all groups together) it reports
 
     ratio = between / within,
     between = mean of MMD^2(source half a, site half b) and MMD^2(source half b, site half a),
@@ -29,6 +29,7 @@ added to the default groups.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import tempfile
@@ -49,12 +50,31 @@ class Site:
 
 
 NO_SHIFT = {"gamma": 1.0, "bias_strength": 0.0, "noise_std": 0.0, "downsample": 1}
+# site-c's fields as medflow.data.shift.SITES["site-c"] sets them (kept literal so that this
+# module imports without medflow; a check in read_sites compares them)
+SITE_C = {
+    **NO_SHIFT,
+    "remap_peak": 0.95,
+    "kspace_fraction": 0.5,
+    "ghost_phase": 0.6,
+    "ghost_period": 4,
+    "rician_std": 0.03,
+}
 SITES = (
     Site("site-b"),
     Site("gamma 0.5", {**NO_SHIFT, "gamma": 0.5}),
     Site("bias 0.3", {**NO_SHIFT, "bias_strength": 0.3}),
     Site("2x in-plane", {**NO_SHIFT, "downsample": 2}),
     Site("noise 8%", {**NO_SHIFT, "noise_std": 0.08}),
+    # site-c (medflow.data.shift.SITES["site-c"]) and each of its components alone
+    Site("site-c", SITE_C),
+    Site("remap 0.95", {**NO_SHIFT, "remap_peak": SITE_C["remap_peak"]}),
+    Site("ringing 0.5", {**NO_SHIFT, "kspace_fraction": SITE_C["kspace_fraction"]}),
+    Site(
+        "ghosts 0.6",
+        {**NO_SHIFT, "ghost_phase": SITE_C["ghost_phase"], "ghost_period": SITE_C["ghost_period"]},
+    ),
+    Site("rician 3%", {**NO_SHIFT, "rician_std": SITE_C["rician_std"]}),
 )
 
 
@@ -154,6 +174,7 @@ def read_sites(data: Path, tmp: Path) -> tuple:
     from medflow.data.builtin import build
     from medflow.data.datasets import plan_preprocessing
     from medflow.data.layout import load_dataset
+    from medflow.data.shift import SITES as SHIFT_SITES
     from medflow.synthesis.align import read_references
 
     src, tgt = data / "mni152", data / "mni152-shifted"
@@ -169,6 +190,8 @@ def read_sites(data: Path, tmp: Path) -> tuple:
         if site.shift is not None:
             folder = shifted_copy(src / "imagesTr", tmp / site.name, site.shift)
         sites[site.name] = read_references(folder, prep, None)
+    fields = dataclasses.asdict(SHIFT_SITES["site-c"])
+    assert all(fields[k] == v for k, v in SITE_C.items()), "SITE_C differs from the builtin's"
     # the per-component copies are made as the builtin makes site-b: check that way
     rebuilt = read_references(shifted_copy(src / "imagesTr", tmp / "rebuilt", {}), prep, None)
     diff = float((rebuilt.images - sites["site-b"].images).abs().max())
