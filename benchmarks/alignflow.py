@@ -93,6 +93,12 @@ def main() -> None:
         help="share of every batch drawn from the synthetic pairs (0: by their count)",
     )
     ap.add_argument("--augment-copies", type=int, default=1, help="augmented copies per case")
+    ap.add_argument(
+        "--anchor-judge",
+        choices=["source", "augmented"],
+        help="the arm whose segmenter labels the references for the class anchors "
+        "(needs --set align.class_anchor_weight=W)",
+    )
     ap.add_argument("--synth-model", type=Path, help="reuse this stage-1 synth.pt")
     ap.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
     ap.add_argument("--results", type=Path, help="copy results.json here")
@@ -127,6 +133,7 @@ def main() -> None:
         augment_copies=args.augment_copies,
         sdedit_start=args.sdedit_start,
         synthetic_fraction=args.synthetic_fraction,
+        anchor_judge=args.anchor_judge,
         segmenter={**defaults.segmenter, **sections["segmenter"]},
         synth=sections["synth"],
         align=sections["align"],

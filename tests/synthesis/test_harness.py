@@ -1,5 +1,6 @@
 """The AlignFlow harness at tiny size: every condition through the one runner, graded."""
 
+import dataclasses
 import json
 import shutil
 
@@ -156,3 +157,35 @@ def test_a_finished_harness_is_not_overwritten_and_reuse_reads_it_back(harness):
         run_alignflow(source, target, out, TINY, quiet=True)
     again = run_alignflow(source, target, out, TINY, quiet=True, force=True, reuse=True)
     assert again["rows"] == record["rows"] and again["summary"] == record["summary"]
+
+
+def test_an_anchor_judge_needs_its_arm_and_the_anchor_term():
+    anchored = {"class_anchor_weight": 1.0}
+    with pytest.raises(ValueError, match="anchor_judge must be one of"):
+        HarnessConfig(anchor_judge="oracle", align=anchored)
+    with pytest.raises(ValueError, match="needs that baseline"):
+        HarnessConfig(anchor_judge="augmented", baselines=("histogram",), align=anchored)
+    with pytest.raises(ValueError, match="class_anchor_weight"):
+        HarnessConfig(anchor_judge="source")
+    assert HarnessConfig(anchor_judge="augmented", align=anchored).anchor_judge == "augmented"
+
+
+def test_the_anchor_judge_is_trained_before_it_labels_the_references(harness, tmp_path):
+    source, target, _, _ = harness
+    cfg = dataclasses.replace(
+        TINY,
+        ks=(1,),
+        baselines=("augmented",),
+        oracle=False,
+        anchor_judge="augmented",
+        align={**TINY.align, "class_anchor_weight": 1.0},
+    )
+    out = tmp_path / "judged"
+    record = run_alignflow(source, target, out, cfg, quiet=True)
+    judge = next(r for r in record["rows"] if r["condition"] == "source+augmented")
+    aligned = json.loads((out / "synth" / "align_k1_seed0" / "align.json").read_text())
+    # the augmented arm's segmenter of the same replicate gave the anchors
+    assert aligned["config"]["anchor_segmenter"] == str(out / judge["checkpoint"])
+    assert aligned["class_means"]["estimate"] == "labels"
+    assert record["alignment"]["1"]["0"]["class_means"]["estimate"] == "labels"
+    assert record["config"]["anchor_judge"] == "augmented"

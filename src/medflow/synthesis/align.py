@@ -17,8 +17,9 @@ stop-gradient. The reward is back-propagated through all
 ``N`` sampler steps, each recomputed in the backward pass (gradient checkpointing) so memory
 does not grow with ``N``. With ``class_anchor_weight`` w > 0 the loss adds
 ``w * mean_c (m_c - a_c)^2``: each class's mean in the batch (by its masks, over its tissue,
-as the segmenter sees it) held to the target's, estimated from the references
-(:mod:`medflow.synthesis.anchors`; experimental: its estimate is not yet reliable). The
+as the segmenter sees it) held to the target's, estimated from the references by a
+mixture, or with ``anchor_segmenter`` as their class means under that segmenter's labels
+(:mod:`medflow.synthesis.anchors`; experimental). The
 regulariser keeps the field near stage 1's on the states the sampler visits (function
 space, not weights): it lets the images' appearance move towards the site while the mask
 condition keeps their structure; :func:`faithfulness` in the downstream harness checks
@@ -62,6 +63,7 @@ from medflow.data.transforms import Preprocessing
 from medflow.engine.logs import write_log
 from medflow.engine.runtime import progress
 from medflow.errors import DataError, MedflowError
+from medflow.segmentation.predict import Predictor, SamplingOptions
 from medflow.synthesis.anchors import ClassAnchors, class_means
 from medflow.synthesis.config import AlignConfig
 from medflow.synthesis.image_flow import ImageFlow
@@ -240,6 +242,8 @@ def align(
             f"{checkpoint}: aligning on real masks needs the labelled source dataset "
             "(--source DATA)"
         )
+    if cfg.anchor_segmenter is not None and not Path(cfg.anchor_segmenter).is_file():
+        raise DataError(Path(cfg.anchor_segmenter), "anchor segmenter checkpoint not found")
     out = Path(out)
     dev, gen = start_run(
         out, RUN_FILES, force=force, device=device, threads=cfg.threads, seed=cfg.seed
@@ -313,13 +317,41 @@ def _n_classes(model: SynthModel) -> int:
 def _anchors(model: SynthModel, refs: References, stage1_batch, cfg: AlignConfig):
     """The class-anchor term (:class:`~medflow.synthesis.anchors.ClassAnchors`) from the
     references (as the segmenter sees them) and the stage-1 evaluation batch ``(view, fg,
-    masks)``; None when ``cfg.class_anchor_weight`` is 0."""
+    masks)``: by the mixture, or by ``cfg.anchor_segmenter``'s labels of the references;
+    None when ``cfg.class_anchor_weight`` is 0."""
     if cfg.class_anchor_weight == 0:
         return None
     view, fg, masks = stage1_batch
+    n_classes = _n_classes(model)
+    if cfg.anchor_segmenter is not None:
+        labels = segmenter_labels(cfg.anchor_segmenter, refs.images, n_classes, str(view.device))
+        ref_batch = (refs.images.to(view.device), refs.foreground.to(view.device), labels)
+        return ClassAnchors.from_labels(ref_batch, view, fg, masks, n_classes)
     tissue = refs.foreground[:, 0].to(view.device)
     values = [refs.images[:, c].to(view.device)[tissue] for c in range(refs.images.shape[1])]
-    return ClassAnchors(values, view, fg, masks, _n_classes(model))
+    return ClassAnchors.from_mixture(values, view, fg, masks, n_classes)
+
+
+def segmenter_labels(
+    checkpoint: str | Path, images: torch.Tensor, n_classes: int, device: str
+) -> torch.Tensor:
+    """The argmax labels ``(N, H, W)`` a ``medflow train`` checkpoint gives ``images``
+    ``(N, C, H, W)`` (prepared as it prepares a scan; its default sampling), at their size.
+
+    Raises:
+        DataError: the checkpoint is missing or unreadable.
+        MedflowError: it segments another number of classes or channels."""
+    path = Path(checkpoint)
+    predictor = Predictor(path, device)
+    with torch.no_grad():
+        probs = predictor.probs(images.to(device), predictor.sampling(SamplingOptions()))
+    if probs.shape[1] != n_classes:
+        raise MedflowError(
+            f"{path}: segments {probs.shape[1]} classes, the synthesis model {n_classes}"
+        )
+    if probs.shape[2:] != images.shape[2:]:
+        probs = torch.nn.functional.interpolate(probs, size=images.shape[2:], mode="bilinear")
+    return probs.argmax(1)
 
 
 def _class_contrast(model: SynthModel, see, images, masks, anchors) -> dict:

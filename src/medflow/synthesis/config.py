@@ -215,7 +215,12 @@ class AlignConfig:
         class_anchor_weight: weight of the class-anchor term (:mod:`medflow.synthesis.anchors`):
             each class's mean intensity in the aligned images (by their masks, over their
             tissue) is held to the target's, estimated from the references by a mixture
-            with the classes' shares fixed; 0 (the default) leaves the objective as before.
+            with the classes' shares fixed (or, with ``anchor_segmenter``, as their means
+            under that segmenter's labels); 0 (the default) leaves the objective as before.
+        anchor_segmenter: a ``medflow train`` checkpoint whose labels of the references
+            give the class anchors (their class means under its argmax, as the segmenter
+            sees them), instead of the mixture; needs ``class_anchor_weight`` > 0. The
+            harness's ``anchor_judge`` sets it to a segmenter it trained.
     """
 
     k: int | None = None
@@ -233,6 +238,7 @@ class AlignConfig:
     start_time: float = 0.0
     keep_outline: bool = True
     class_anchor_weight: float = 0.0
+    anchor_segmenter: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -249,6 +255,10 @@ class AlignConfig:
                 (self.lr > 0, "lr must be positive"),
                 (self.reg_weight >= 0, "reg_weight must be >= 0"),
                 (self.class_anchor_weight >= 0, "class_anchor_weight must be >= 0"),
+                (
+                    self.anchor_segmenter is None or self.class_anchor_weight > 0,
+                    "anchor_segmenter gives class anchors: it needs class_anchor_weight > 0",
+                ),
             ],
             self,
         )

@@ -23,6 +23,10 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
 3. for every replicate seed ``r`` (``seeds``): every synthetic set drawn, every alignment
    run and every segmenter trained with seed ``r``, so conditions are compared paired,
    replicate by replicate (:mod:`medflow.synthesis.tables`: paired gains with t intervals);
+   arm by arm in table order, each set built and its segmenter trained before the next,
+   so that with ``anchor_judge`` the alignments' class anchors come from the labels that
+   an arm's segmenter of the same replicate (source, or source under augmentation) gives
+   the references;
 4. each segmenter evaluated on the target test set at native resolution: mDice and mIoU
    (mean over foreground classes);
 5. distribution distances between each synthetic set of the first replicate (and the real
@@ -74,6 +78,8 @@ ORACLE = "target labelled (oracle)"
 # what runs unless baselines are chosen; the translation arms cost an alignment per K each
 DEFAULT_BASELINES = ("equal_steps", "real_masks", "augmented", "histogram")
 BASELINES = (*DEFAULT_BASELINES, "translated", "translated_sdedit", "augmented_aligned")
+# HarnessConfig.anchor_judge -> the condition whose segmenter labels the references
+JUDGES = {"source": "source", "augmented": "source+augmented"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,11 @@ class HarnessConfig:
         augment_copies: augmented copies of every source case in ``augmented``.
         sdedit_start: the t0 that ``translated_sdedit`` translates real images from
             (``AlignConfig.start_time``).
+        anchor_judge: None, or the arm (``"source"`` or ``"augmented"``) whose segmenter of
+            the same replicate labels the references for the class anchors of every
+            alignment (``AlignConfig.anchor_segmenter``; needs ``align.class_anchor_weight``
+            > 0). Arms are trained in table order, so that segmenter exists before the
+            aligned arms are built.
         synthetic_fraction: the share of every training batch an arm with synthetic pairs
             draws from them (``TrainConfig.synthetic_fraction``; 0: every slice alike, so
             the share follows the counts, 96 synthetic to 96 real by default).
@@ -106,6 +117,7 @@ class HarnessConfig:
     augment_copies: int = 1
     sdedit_start: float = 0.5
     synthetic_fraction: float = 0.0
+    anchor_judge: str | None = None
     segmenter: dict = field(default_factory=lambda: {"size": 64, "steps": 200, "val_fraction": 0})
     synth: dict = field(default_factory=dict)
     align: dict = field(default_factory=dict)
@@ -120,6 +132,22 @@ class HarnessConfig:
             raise ValueError(f"sdedit_start must be in (0, 1), got {self.sdedit_start}")
         if not 0.0 <= self.synthetic_fraction < 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1), got {self.synthetic_fraction}")
+        self._check_judge()
+
+    def _check_judge(self) -> None:
+        if self.anchor_judge is None:
+            return
+        if self.anchor_judge not in JUDGES:
+            raise ValueError(
+                f"anchor_judge must be one of {sorted(JUDGES)}, got {self.anchor_judge}"
+            )
+        if self.anchor_judge != "source" and self.anchor_judge not in self.baselines:
+            raise ValueError(f"anchor_judge {self.anchor_judge!r} needs that baseline to run")
+        if not float(self.align.get("class_anchor_weight", 0.0)) > 0:
+            raise ValueError(
+                "anchor_judge labels references for class anchors: it needs "
+                "align.class_anchor_weight > 0"
+            )
 
 
 def _check_target(target: Path) -> None:
@@ -192,6 +220,8 @@ class _Harness:
     reuse: bool
     say: Callable[[str], None]
     built: dict = field(default_factory=dict)
+    # (condition, seed) -> its segmenter's checkpoint, as the arms are trained
+    checkpoints: dict = field(default_factory=dict)
     # K (mask-flow route) or "<synthetic set>" (real-mask routes) -> seed -> align.json
     alignment: dict = field(default_factory=dict)
 
@@ -319,6 +349,8 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
         what = "" if route == FLOW else f" ({route.label})"
         h.say(f"stage 2{what}: aligning to K={k} reference(s), seed {seed}")
         fields = {"k": k, "seed": seed, "masks": route.masks, "start_time": route.start_time}
+        if h.cfg.anchor_judge is not None:
+            fields["anchor_segmenter"] = str(h.checkpoints[JUDGES[h.cfg.anchor_judge], seed])
         align(
             h.stage1,
             h.target / "references",
@@ -492,23 +524,27 @@ def run_alignflow(
     h = _Harness(source, target, out, cfg, Path(synth_model), device, reuse, say)
     conds = conditions(cfg, SynthModel.load(synth_model).sample_steps)
     rows = []
-    for seed in cfg.seeds:  # replicate by replicate: its datasets, then its segmenters
-        arms = [
-            Arm(
+    for seed in cfg.seeds:  # replicate by replicate, arm by arm: its dataset, its segmenter
+        for c in conds:
+            arm = Arm(
                 c.name,
                 c.build(h, seed),
                 _segmenter(cfg, c),
                 test=target,
                 tags={"condition": c.name},
             )
-            for c in conds
-        ]
-        rows += run_protocol(
-            arms, (seed,), out, device=device, reuse=reuse, say=lambda m: say(f"segmenter on {m}")
-        )
+            got = run_protocol(
+                [arm],
+                (seed,),
+                out,
+                device=device,
+                reuse=reuse,
+                say=lambda m: say(f"segmenter on {m}"),
+            )
+            h.checkpoints.update({(r["condition"], r["seed"]): out / r["checkpoint"] for r in got})
+            rows += got
     for r in rows:
         r["seeds_evaluated"] = len(cfg.seeds)
-    checkpoints = {(r["condition"], r["seed"]): out / r["checkpoint"] for r in rows}
     record = results_record(
         rows,
         dataclasses.asdict(cfg),
@@ -517,7 +553,7 @@ def run_alignflow(
         seconds=time.perf_counter() - t_start,
         summary=summarise(rows),
         contrasts=contrasts(conds, rows, cfg.ks),
-        **_grade_synthetic(h, conds, checkpoints),
+        **_grade_synthetic(h, conds, h.checkpoints),
         alignment={
             str(k): {
                 str(seed): {
