@@ -94,10 +94,10 @@ def main() -> None:
     )
     ap.add_argument("--augment-copies", type=int, default=1, help="augmented copies per case")
     ap.add_argument(
-        "--anchor-judge",
+        "--judge",
         choices=["source", "augmented"],
-        help="the arm whose segmenter labels the references for the class anchors "
-        "(needs --set align.class_anchor_weight=W)",
+        help="the arm whose segmenter the alignments use: for the class anchors "
+        "(--set align.class_anchor_weight=W) and/or the judge term (align.judge_weight=W)",
     )
     ap.add_argument("--synth-model", type=Path, help="reuse this stage-1 synth.pt")
     ap.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
@@ -133,7 +133,7 @@ def main() -> None:
         augment_copies=args.augment_copies,
         sdedit_start=args.sdedit_start,
         synthetic_fraction=args.synthetic_fraction,
-        anchor_judge=args.anchor_judge,
+        judge=args.judge,
         segmenter={**defaults.segmenter, **sections["segmenter"]},
         synth=sections["synth"],
         align=sections["align"],

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from medflow.data.builtin import REFERENCE_SLICES
 from medflow.data.datasets import load_slices, prepare_image
 from medflow.data.io import read_image
 from medflow.data.layout import load_dataset
-from medflow.synthesis.align import read_references, segmenter_labels
-from medflow.synthesis.anchors import ClassAnchors, class_means
+from medflow.synthesis.align import read_references, segmenter_probs
+from medflow.synthesis.anchors import ClassAnchors, class_means, estimate_anchors, slice_shares
 from medflow.synthesis.model import SynthModel
 from medflow.synthesis.sample import source_slices
 from medflow.synthesis.view import segmenter_view
@@ -46,18 +47,21 @@ def named(items: list[str]) -> dict[str, Path]:
 
 
 def reference_labels(target: Path, model: SynthModel, k: int) -> torch.Tensor:
-    """The true labels ``(k, H, W)`` of the first ``k`` references, prepared as their images
-    (each from its labelled training slab, the slice its record names)."""
-    record = json.loads((target / "dataset.json").read_text())["references"][:k]
+    """The true labels ``(n, H, W)`` of the reference slices of the first ``k`` reference
+    files, prepared as their images: each file is a labelled training slab
+    (``dataset.json``'s ``medflow.references`` names it), its slices those ``slices.json``
+    names."""
+    records = json.loads((target / "dataset.json").read_text())["medflow"]["references"]
+    chosen = json.loads((target / "references" / REFERENCE_SLICES).read_text())["slices"]
     spec = load_dataset(target)
     cases = {c.case_id: c for c in spec.training}
     axis = model.prep.slice_axis
     out = []
-    for ref in record:
-        case = cases[ref["case"]]
-        _, box = prepare_image(read_image([target / ref["file"]]), model.prep)
-        slices = load_slices([case], model.prep, spec.num_classes)
-        out.append(slices.masks[ref["slice"] - box[axis].start])
+    for ref in sorted(records, key=lambda r: r["file"])[:k]:
+        path = target / ref["file"]
+        _, box = prepare_image(read_image([path]), model.prep)
+        slices = load_slices([cases[ref["case"]]], model.prep, spec.num_classes)
+        out += [slices.masks[z - box[axis].start] for z in chosen[path.name]]
     return torch.stack(out)
 
 
@@ -70,6 +74,14 @@ def source_batch(source: Path, model: SynthModel):
     return view, fg, slices.masks
 
 
+TEMPERATURES = (1.0, 0.5, 0.25)  # the segmenter's probabilities as a prior, p^tau
+
+
+def em(values: list[torch.Tensor], prior: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """Per channel, :func:`estimate_anchors` with a per-pixel prior."""
+    return torch.stack([estimate_anchors(v, prior, init[c]) for c, v in enumerate(values)])
+
+
 def estimates(target: Path, model: SynthModel, batch, segmenters: dict, k: int) -> dict:
     refs = read_references(target / "references", model.prep, k)
     labels = reference_labels(target, model, k)
@@ -78,11 +90,20 @@ def estimates(target: Path, model: SynthModel, batch, segmenters: dict, k: int) 
     tissue = refs.foreground[:, 0]
     values = [refs.images[:, c][tissue] for c in range(refs.images.shape[1])]
     got = {"truth": truth, "mixture": ClassAnchors.from_mixture(values, *batch, n_classes).anchors}
+    init, shares = class_means(batch[0], batch[1], batch[2], n_classes)
     for name, ckpt in segmenters.items():
-        pseudo = segmenter_labels(ckpt, refs.images, n_classes, "cpu")
+        probs = segmenter_probs(ckpt, refs.images, n_classes, "cpu")
+        pseudo = probs.argmax(1)
+        agree = float((pseudo == labels)[tissue].float().mean())
         ref_batch = (refs.images, refs.foreground, pseudo)
         anchors = ClassAnchors.from_labels(ref_batch, *batch, n_classes).anchors
-        got[f"labels by {name}"] = (anchors, float((pseudo == labels)[tissue].float().mean()))
+        got[f"labels by {name}"] = (anchors, agree)
+        per_slice = slice_shares(refs.foreground, pseudo, n_classes)
+        got[f"EM, slice shares by {name}"] = (em(values, per_slice, init), agree)
+        for tau in TEMPERATURES:
+            prior = probs.permute(0, 2, 3, 1)[tissue].double().clamp_min(1e-6) ** tau
+            prior = prior / prior.sum(1, keepdim=True)
+            got[f"EM, prior {name}^{tau:g}"] = (em(values, prior, init), agree)
     names = sorted(model.labels, key=model.labels.get)
     top = truth[0, 1:].argsort()[-2:] + 1  # the two brightest label classes, by the truth
     rows = {}

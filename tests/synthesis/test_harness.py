@@ -159,33 +159,34 @@ def test_a_finished_harness_is_not_overwritten_and_reuse_reads_it_back(harness):
     assert again["rows"] == record["rows"] and again["summary"] == record["summary"]
 
 
-def test_an_anchor_judge_needs_its_arm_and_the_anchor_term():
+def test_a_judge_needs_its_arm_and_a_term_to_serve():
     anchored = {"class_anchor_weight": 1.0}
-    with pytest.raises(ValueError, match="anchor_judge must be one of"):
-        HarnessConfig(anchor_judge="oracle", align=anchored)
+    with pytest.raises(ValueError, match="judge must be one of"):
+        HarnessConfig(judge="oracle", align=anchored)
     with pytest.raises(ValueError, match="needs that baseline"):
-        HarnessConfig(anchor_judge="augmented", baselines=("histogram",), align=anchored)
-    with pytest.raises(ValueError, match="class_anchor_weight"):
-        HarnessConfig(anchor_judge="source")
-    assert HarnessConfig(anchor_judge="augmented", align=anchored).anchor_judge == "augmented"
+        HarnessConfig(judge="augmented", baselines=("histogram",), align=anchored)
+    with pytest.raises(ValueError, match="class_anchor_weight > 0 or align.judge_weight"):
+        HarnessConfig(judge="source")
+    assert HarnessConfig(judge="augmented", align={"judge_weight": 1.0}).judge == "augmented"
 
 
-def test_the_anchor_judge_is_trained_before_it_labels_the_references(harness, tmp_path):
+def test_the_judge_is_trained_before_the_alignments_use_it(harness, tmp_path):
     source, target, _, _ = harness
     cfg = dataclasses.replace(
         TINY,
         ks=(1,),
         baselines=("augmented",),
         oracle=False,
-        anchor_judge="augmented",
-        align={**TINY.align, "class_anchor_weight": 1.0},
+        judge="augmented",
+        align={**TINY.align, "class_anchor_weight": 1.0, "judge_weight": 1.0},
     )
     out = tmp_path / "judged"
     record = run_alignflow(source, target, out, cfg, quiet=True)
     judge = next(r for r in record["rows"] if r["condition"] == "source+augmented")
     aligned = json.loads((out / "synth" / "align_k1_seed0" / "align.json").read_text())
-    # the augmented arm's segmenter of the same replicate gave the anchors
+    # the augmented arm's segmenter of the same replicate labels the references and judges
     assert aligned["config"]["anchor_segmenter"] == str(out / judge["checkpoint"])
+    assert aligned["config"]["judge_segmenter"] == str(out / judge["checkpoint"])
     assert aligned["class_means"]["estimate"] == "labels"
-    assert record["alignment"]["1"]["0"]["class_means"]["estimate"] == "labels"
-    assert record["config"]["anchor_judge"] == "augmented"
+    assert record["alignment"]["1"]["0"]["judge_after"] == aligned["judge_after"]
+    assert record["config"]["judge"] == "augmented"

@@ -67,6 +67,7 @@ from medflow.segmentation.predict import Predictor, SamplingOptions
 from medflow.synthesis.anchors import ClassAnchors, class_means
 from medflow.synthesis.config import AlignConfig
 from medflow.synthesis.image_flow import ImageFlow
+from medflow.synthesis.judge import SegmenterJudge
 from medflow.synthesis.model import SynthModel, start_run
 from medflow.synthesis.preview import save_grid
 from medflow.synthesis.reward import FeatureEncoder, MMDReward
@@ -242,8 +243,9 @@ def align(
             f"{checkpoint}: aligning on real masks needs the labelled source dataset "
             "(--source DATA)"
         )
-    if cfg.anchor_segmenter is not None and not Path(cfg.anchor_segmenter).is_file():
-        raise DataError(Path(cfg.anchor_segmenter), "anchor segmenter checkpoint not found")
+    for what, path in (("anchor", cfg.anchor_segmenter), ("judge", cfg.judge_segmenter)):
+        if path is not None and not Path(path).is_file():
+            raise DataError(Path(path), f"{what} segmenter checkpoint not found")
     out = Path(out)
     dev, gen = start_run(
         out, RUN_FILES, force=force, device=device, threads=cfg.threads, seed=cfg.seed
@@ -278,13 +280,23 @@ def align(
     )
     reward_before = float(reward(view_before, fg_before))
     anchors = _anchors(model, refs, (view_before, fg_before, eval_masks), cfg)
-    objective = (pool, reward, see, anchors)
+    judge = None
+    if cfg.judge_weight > 0:
+        judge = SegmenterJudge(cfg.judge_segmenter, _n_classes(model), dev)
+    objective = (pool, reward, see, anchors, judge)
     rows = _fine_tune(model, stage1, outline, objective, cfg, gen, quiet)
     after = _generate(model, eval_masks, eval_start, cfg)
     if outline is not None:
         model.outline_flow = stage1
         after = keep_outline(after, before, zero_level(model.background_level, model.file_ending))
     contrast = _class_contrast(model, see, (before, after), eval_masks, anchors)
+    judged = {}
+    if judge is not None:
+        with torch.no_grad():
+            judged = {
+                f"judge_{name}": float(judge(*see(x), eval_masks))
+                for name, x in (("before", before), ("after", after))
+            }
     summary = {
         "config": cfg.to_dict(),
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -299,6 +311,7 @@ def align(
         "source": str(Path(source).resolve()) if cfg.masks == "real" else None,
         "pool_masks": len(pool.masks),
         "class_means": contrast,
+        **judged,
         "seconds": rows[-1]["seconds"],
         "device": str(dev),
         "threads": torch.get_num_threads(),
@@ -335,12 +348,20 @@ def _anchors(model: SynthModel, refs: References, stage1_batch, cfg: AlignConfig
 def segmenter_labels(
     checkpoint: str | Path, images: torch.Tensor, n_classes: int, device: str
 ) -> torch.Tensor:
-    """The argmax labels ``(N, H, W)`` a ``medflow train`` checkpoint gives ``images``
-    ``(N, C, H, W)`` (prepared as it prepares a scan; its default sampling), at their size.
+    """The argmax labels ``(N, H, W)`` of :func:`segmenter_probs`."""
+    return segmenter_probs(checkpoint, images, n_classes, device).argmax(1)
+
+
+def segmenter_probs(
+    checkpoint: str | Path, images: torch.Tensor, n_classes: int, device: str
+) -> torch.Tensor:
+    """The class probabilities ``(N, K, H, W)`` a ``medflow train`` checkpoint gives
+    ``images`` ``(N, C, H, W)`` (prepared as it prepares a scan; its default sampling), at
+    their size.
 
     Raises:
-        DataError: the checkpoint is missing or unreadable.
-        MedflowError: it segments another number of classes or channels."""
+        DataError: the checkpoint is unreadable.
+        MedflowError: it segments another number of classes than ``n_classes``."""
     path = Path(checkpoint)
     predictor = Predictor(path, device)
     with torch.no_grad():
@@ -351,7 +372,7 @@ def segmenter_labels(
         )
     if probs.shape[2:] != images.shape[2:]:
         probs = torch.nn.functional.interpolate(probs, size=images.shape[2:], mode="bilinear")
-    return probs.argmax(1)
+    return probs
 
 
 def _class_contrast(model: SynthModel, see, images, masks, anchors) -> dict:
@@ -389,9 +410,10 @@ def _fine_tune(
 ) -> list[dict]:
     """The reward fine-tuning loop (module docstring) on ``model.image_flow``, in place;
     ``stage1`` is the frozen copy the regulariser compares with, ``outline`` None or
-    :func:`_outliner`'s function, ``objective`` ``(pool, reward, see, anchors)`` with
-    ``anchors`` None or :func:`_anchors`' term. Returns the log rows."""
-    pool, reward, see, anchors = objective
+    :func:`_outliner`'s function, ``objective`` ``(pool, reward, see, anchors, judge)`` with
+    ``anchors`` None or :func:`_anchors`' term and ``judge`` None or the
+    :class:`~medflow.synthesis.judge.SegmenterJudge`. Returns the log rows."""
+    pool, reward, see, anchors, judge = objective
     flow = model.image_flow
     frozen = stage1.net
     flow.net.train().requires_grad_(True)
@@ -424,6 +446,10 @@ def _fine_tune(
         if anchors is not None:
             anchor = anchors(view, fg, masks)
             loss = loss + cfg.class_anchor_weight * anchor
+        judged = None
+        if judge is not None:
+            judged = judge(view, fg, masks)
+            loss = loss + cfg.judge_weight * judged
         if not torch.isfinite(loss):
             raise MedflowError(f"synth align: loss became {loss.item()} at step {step + 1}")
         opt.zero_grad(set_to_none=True)
@@ -438,6 +464,7 @@ def _fine_tune(
                 "drift": reg.item(),
                 "loss": loss.item(),
                 **({} if anchor is None else {"anchor": anchor.item()}),
+                **({} if judged is None else {"judge": judged.item()}),
                 "seconds": time.perf_counter() - t0,
             }
         )

@@ -86,7 +86,8 @@ def estimate_anchors(
 
     Args:
         values: ``(N,)`` tissue intensities of the references, one channel.
-        shares: ``(K,)`` mixing weights (the classes' shares of the tissue), summing to 1.
+        shares: ``(K,)`` mixing weights (the classes' shares of the tissue), summing to 1,
+            or ``(N, K)`` a prior per value (each row summing to 1: e.g. its slice's shares).
         init: ``(K,)`` starting means (stage 1's class means).
         iterations: EM iterations.
 
@@ -97,7 +98,7 @@ def estimate_anchors(
     mu = init.double().clone()
     var = torch.full_like(mu, float(x.var()))
     log_w = shares.double().clamp_min(1e-12).log()
-    live = shares > 0
+    live = (shares > 0) if shares.dim() == 1 else (shares > 0).any(0)
     for _ in range(iterations):
         log_p = -0.5 * (x - mu) ** 2 / var - 0.5 * var.log() + log_w
         resp = torch.softmax(log_p, dim=1)
@@ -108,6 +109,16 @@ def estimate_anchors(
             live, (resp * (x - mu) ** 2).sum(0) / n.clamp_min(1e-12) + MIN_VARIANCE, var
         )
     return mu.to(values.dtype)
+
+
+def slice_shares(fg: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per tissue pixel of ``fg`` ``(N, 1, H, W)``, the class shares of its slice's tissue
+    under ``labels`` ``(N, H, W)``: ``(n_pixels, n_classes)``, in ``view[fg]`` order."""
+    onehot = torch.nn.functional.one_hot(labels.long(), n_classes).permute(0, 3, 1, 2)
+    counts = (onehot * fg).sum(dim=(2, 3)).double()  # (N, K)
+    shares = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
+    per_pixel = shares[:, :, None, None].expand(-1, -1, *fg.shape[2:])
+    return per_pixel.permute(0, 2, 3, 1)[fg[:, 0]]
 
 
 class ClassAnchors:

@@ -220,7 +220,13 @@ class AlignConfig:
         anchor_segmenter: a ``medflow train`` checkpoint whose labels of the references
             give the class anchors (their class means under its argmax, as the segmenter
             sees them), instead of the mixture; needs ``class_anchor_weight`` > 0. The
-            harness's ``anchor_judge`` sets it to a segmenter it trained.
+            harness's ``judge`` sets it to a segmenter it trained.
+        judge_weight: weight of the judge term (:mod:`medflow.synthesis.judge`): the mean
+            cross-entropy of ``judge_segmenter``'s prediction on each aligned image against
+            its mask, over the tissue; 0 (the default) leaves the objective as before.
+        judge_segmenter: the ``medflow train`` checkpoint of the judge (frozen), e.g. the
+            source segmenter trained under strong appearance augmentation; needs
+            ``judge_weight`` > 0. The harness's ``judge`` sets it to a segmenter it trained.
     """
 
     k: int | None = None
@@ -239,6 +245,8 @@ class AlignConfig:
     keep_outline: bool = True
     class_anchor_weight: float = 0.0
     anchor_segmenter: str | None = None
+    judge_weight: float = 0.0
+    judge_segmenter: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -258,6 +266,11 @@ class AlignConfig:
                 (
                     self.anchor_segmenter is None or self.class_anchor_weight > 0,
                     "anchor_segmenter gives class anchors: it needs class_anchor_weight > 0",
+                ),
+                (self.judge_weight >= 0, "judge_weight must be >= 0"),
+                (
+                    (self.judge_segmenter is not None) == (self.judge_weight > 0),
+                    "the judge term needs both judge_weight > 0 and judge_segmenter",
                 ),
             ],
             self,

@@ -24,9 +24,9 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
    run and every segmenter trained with seed ``r``, so conditions are compared paired,
    replicate by replicate (:mod:`medflow.synthesis.tables`: paired gains with t intervals);
    arm by arm in table order, each set built and its segmenter trained before the next,
-   so that with ``anchor_judge`` the alignments' class anchors come from the labels that
-   an arm's segmenter of the same replicate (source, or source under augmentation) gives
-   the references;
+   so that with ``judge`` the alignments can use an arm's segmenter of the same replicate
+   (source, or source under augmentation): for the class anchors' labels of the
+   references, or as the judge term's judge;
 4. each segmenter evaluated on the target test set at native resolution: mDice and mIoU
    (mean over foreground classes);
 5. distribution distances between each synthetic set of the first replicate (and the real
@@ -72,14 +72,24 @@ from medflow.synthesis.tables import markdown, paired_difference, summarise
 from medflow.synthesis.train import train_synth
 
 # what results.json keeps of every alignment's align.json
-ALIGNMENT_FIELDS = ("reward_before", "reward_after", "reference_slices", "seconds", "class_means")
+ALIGNMENT_FIELDS = (
+    "reward_before",
+    "reward_after",
+    "reference_slices",
+    "seconds",
+    "class_means",
+    "judge_before",
+    "judge_after",
+)
 EVAL_ENCODER_SEED = 1  # the reward's encoder has seed 0 by default
 ORACLE = "target labelled (oracle)"
 # what runs unless baselines are chosen; the translation arms cost an alignment per K each
 DEFAULT_BASELINES = ("equal_steps", "real_masks", "augmented", "histogram")
 BASELINES = (*DEFAULT_BASELINES, "translated", "translated_sdedit", "augmented_aligned")
-# HarnessConfig.anchor_judge -> the condition whose segmenter labels the references
+# HarnessConfig.judge -> the condition whose segmenter the alignments use
 JUDGES = {"source": "source", "augmented": "source+augmented"}
+# AlignConfig weight -> the field the judge's checkpoint fills when that weight is > 0
+JUDGE_WEIGHTS = {"class_anchor_weight": "anchor_segmenter", "judge_weight": "judge_segmenter"}
 
 
 @dataclass(frozen=True)
@@ -96,11 +106,13 @@ class HarnessConfig:
         augment_copies: augmented copies of every source case in ``augmented``.
         sdedit_start: the t0 that ``translated_sdedit`` translates real images from
             (``AlignConfig.start_time``).
-        anchor_judge: None, or the arm (``"source"`` or ``"augmented"``) whose segmenter of
-            the same replicate labels the references for the class anchors of every
-            alignment (``AlignConfig.anchor_segmenter``; needs ``align.class_anchor_weight``
-            > 0). Arms are trained in table order, so that segmenter exists before the
-            aligned arms are built.
+        judge: None, or the arm (``"source"`` or ``"augmented"``) whose segmenter of the
+            same replicate every alignment uses: to label the references for the class
+            anchors (``AlignConfig.anchor_segmenter``, with ``align.class_anchor_weight`` >
+            0) and as the judge term's judge (``AlignConfig.judge_segmenter``, with
+            ``align.judge_weight`` > 0); one of the two weights must be > 0. Arms are
+            trained in table order, so that segmenter exists before the aligned arms are
+            built.
         synthetic_fraction: the share of every training batch an arm with synthetic pairs
             draws from them (``TrainConfig.synthetic_fraction``; 0: every slice alike, so
             the share follows the counts, 96 synthetic to 96 real by default).
@@ -117,7 +129,7 @@ class HarnessConfig:
     augment_copies: int = 1
     sdedit_start: float = 0.5
     synthetic_fraction: float = 0.0
-    anchor_judge: str | None = None
+    judge: str | None = None
     segmenter: dict = field(default_factory=lambda: {"size": 64, "steps": 200, "val_fraction": 0})
     synth: dict = field(default_factory=dict)
     align: dict = field(default_factory=dict)
@@ -135,18 +147,16 @@ class HarnessConfig:
         self._check_judge()
 
     def _check_judge(self) -> None:
-        if self.anchor_judge is None:
+        if self.judge is None:
             return
-        if self.anchor_judge not in JUDGES:
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {sorted(JUDGES)}, got {self.judge}")
+        if self.judge != "source" and self.judge not in self.baselines:
+            raise ValueError(f"judge {self.judge!r} needs that baseline to run")
+        if not any(float(self.align.get(w, 0.0)) > 0 for w in JUDGE_WEIGHTS):
             raise ValueError(
-                f"anchor_judge must be one of {sorted(JUDGES)}, got {self.anchor_judge}"
-            )
-        if self.anchor_judge != "source" and self.anchor_judge not in self.baselines:
-            raise ValueError(f"anchor_judge {self.anchor_judge!r} needs that baseline to run")
-        if not float(self.align.get("class_anchor_weight", 0.0)) > 0:
-            raise ValueError(
-                "anchor_judge labels references for class anchors: it needs "
-                "align.class_anchor_weight > 0"
+                "a judge serves the class anchors or the judge term: it needs "
+                "align.class_anchor_weight > 0 or align.judge_weight > 0"
             )
 
 
@@ -349,8 +359,12 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
         what = "" if route == FLOW else f" ({route.label})"
         h.say(f"stage 2{what}: aligning to K={k} reference(s), seed {seed}")
         fields = {"k": k, "seed": seed, "masks": route.masks, "start_time": route.start_time}
-        if h.cfg.anchor_judge is not None:
-            fields["anchor_segmenter"] = str(h.checkpoints[JUDGES[h.cfg.anchor_judge], seed])
+        if h.cfg.judge is not None:
+            judge = str(h.checkpoints[JUDGES[h.cfg.judge], seed])
+            weights = AlignConfig(**h.cfg.align)
+            for weight, name in JUDGE_WEIGHTS.items():
+                if getattr(weights, weight) > 0:
+                    fields[name] = judge
         align(
             h.stage1,
             h.target / "references",
@@ -559,7 +573,7 @@ def run_alignflow(
                 str(seed): {
                     key: a[key]
                     for key in ALIGNMENT_FIELDS
-                    if key in a  # class_means: alignments since class anchors
+                    if key in a  # class_means since class anchors, judge_* with a judge
                 }
                 for seed, a in by_seed.items()
             }
