@@ -167,7 +167,11 @@ def test_a_judge_needs_its_arm_and_a_term_to_serve():
         HarnessConfig(judge="augmented", baselines=("histogram",), align=anchored)
     with pytest.raises(ValueError, match="class_anchor_weight > 0 or align.judge_weight"):
         HarnessConfig(judge="source")
+    with pytest.raises(ValueError, match="needs a judge"):
+        HarnessConfig(align={"judge_weight": 1.0})
     assert HarnessConfig(judge="augmented", align={"judge_weight": 1.0}).judge == "augmented"
+    # the harness's own configs of the alignment carry the weight without the judge's path
+    assert conditions(HarnessConfig(judge="source", align={"judge_weight": 1.0}), 20)
 
 
 def test_the_judge_is_trained_before_the_alignments_use_it(harness, tmp_path):

@@ -74,8 +74,11 @@ def test_the_judge_term_keeps_the_aligned_images_readable_as_their_masks(
     for path in sorted((source / "imagesTs").glob("*.nii.gz")):
         (refs / path.name).write_bytes(path.read_bytes())
     cfg = dict(k=2, steps=30, batch_size=4, sampler_steps=2, lr=1e-3, reg_weight=0.0, threads=1)
-    with pytest.raises(ValueError, match="needs both judge_weight > 0 and judge_segmenter"):
-        AlignConfig(judge_weight=1.0, **cfg)
+    with pytest.raises(ValueError, match="judge_segmenter is the judge term's judge"):
+        AlignConfig(judge_segmenter=str(judge_ckpt), **cfg)
+    with pytest.raises(MedflowError, match="needs a judge"):
+        align(stage1, refs, tmp_path / "none", AlignConfig(judge_weight=1.0, **cfg), quiet=True)
+    assert not (tmp_path / "none").exists()
     records = {}
     for weight in (1e-6, 50.0):  # 1e-6: the judge measured, its term without effect
         out = tmp_path / f"judged_{weight}"

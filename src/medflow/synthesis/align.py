@@ -243,6 +243,11 @@ def align(
             f"{checkpoint}: aligning on real masks needs the labelled source dataset "
             "(--source DATA)"
         )
+    if cfg.judge_weight > 0 and cfg.judge_segmenter is None:
+        raise MedflowError(
+            f"{checkpoint}: the judge term (judge_weight {cfg.judge_weight:g}) needs a judge "
+            "(--judge-segmenter CKPT)"
+        )
     for what, path in (("anchor", cfg.anchor_segmenter), ("judge", cfg.judge_segmenter)):
         if path is not None and not Path(path).is_file():
             raise DataError(Path(path), f"{what} segmenter checkpoint not found")

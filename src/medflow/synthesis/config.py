@@ -226,7 +226,8 @@ class AlignConfig:
             its mask, over the tissue; 0 (the default) leaves the objective as before.
         judge_segmenter: the ``medflow train`` checkpoint of the judge (frozen), e.g. the
             source segmenter trained under strong appearance augmentation; needs
-            ``judge_weight`` > 0. The harness's ``judge`` sets it to a segmenter it trained.
+            ``judge_weight`` > 0, and ``synth align`` needs it when that weight is. The
+            harness's ``judge`` sets it to a segmenter it trained.
     """
 
     k: int | None = None
@@ -269,8 +270,8 @@ class AlignConfig:
                 ),
                 (self.judge_weight >= 0, "judge_weight must be >= 0"),
                 (
-                    (self.judge_segmenter is not None) == (self.judge_weight > 0),
-                    "the judge term needs both judge_weight > 0 and judge_segmenter",
+                    self.judge_segmenter is None or self.judge_weight > 0,
+                    "judge_segmenter is the judge term's judge: it needs judge_weight > 0",
                 ),
             ],
             self,

@@ -148,6 +148,10 @@ class HarnessConfig:
 
     def _check_judge(self) -> None:
         if self.judge is None:
+            if float(self.align.get("judge_weight", 0.0)) > 0:
+                raise ValueError(
+                    "align.judge_weight > 0 needs a judge (HarnessConfig.judge, --judge)"
+                )
             return
         if self.judge not in JUDGES:
             raise ValueError(f"judge must be one of {sorted(JUDGES)}, got {self.judge}")
