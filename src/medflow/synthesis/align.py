@@ -224,6 +224,24 @@ def _viewer(model: SynthModel):
     )
 
 
+def _check_request(checkpoint, cfg: AlignConfig, source) -> None:
+    """What ``align`` refuses before it writes anything: real masks without their source,
+    a judge weight without a judge, an anchor or judge checkpoint that is not there."""
+    if cfg.masks == "real" and source is None:
+        raise MedflowError(
+            f"{checkpoint}: aligning on real masks needs the labelled source dataset "
+            "(--source DATA)"
+        )
+    if cfg.judge_weight > 0 and cfg.judge_segmenter is None:
+        raise MedflowError(
+            f"{checkpoint}: the judge term (judge_weight {cfg.judge_weight:g}) needs a judge "
+            "(--judge-segmenter CKPT)"
+        )
+    for what, path in (("anchor", cfg.anchor_segmenter), ("judge", cfg.judge_segmenter)):
+        if path is not None and not Path(path).is_file():
+            raise DataError(Path(path), f"{what} segmenter checkpoint not found")
+
+
 def align(
     checkpoint: str | Path,
     references: str | Path,
@@ -238,19 +256,7 @@ def align(
     """Fine-tune the image flow of ``checkpoint`` towards the images in ``references``;
     writes ``out/synth.pt`` and returns its path. ``source``, the labelled source dataset,
     gives the masks (and, for ``cfg.start_time > 0``, the images) of ``cfg.masks = "real"``."""
-    if cfg.masks == "real" and source is None:
-        raise MedflowError(
-            f"{checkpoint}: aligning on real masks needs the labelled source dataset "
-            "(--source DATA)"
-        )
-    if cfg.judge_weight > 0 and cfg.judge_segmenter is None:
-        raise MedflowError(
-            f"{checkpoint}: the judge term (judge_weight {cfg.judge_weight:g}) needs a judge "
-            "(--judge-segmenter CKPT)"
-        )
-    for what, path in (("anchor", cfg.anchor_segmenter), ("judge", cfg.judge_segmenter)):
-        if path is not None and not Path(path).is_file():
-            raise DataError(Path(path), f"{what} segmenter checkpoint not found")
+    _check_request(checkpoint, cfg, source)
     out = Path(out)
     dev, gen = start_run(
         out, RUN_FILES, force=force, device=device, threads=cfg.threads, seed=cfg.seed
@@ -295,13 +301,7 @@ def align(
         model.outline_flow = stage1
         after = keep_outline(after, before, zero_level(model.background_level, model.file_ending))
     contrast = _class_contrast(model, see, (before, after), eval_masks, anchors)
-    judged = {}
-    if judge is not None:
-        with torch.no_grad():
-            judged = {
-                f"judge_{name}": float(judge(*see(x), eval_masks))
-                for name, x in (("before", before), ("after", after))
-            }
+    judged = _judged(judge, see, (before, after), eval_masks)
     summary = {
         "config": cfg.to_dict(),
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -378,6 +378,18 @@ def segmenter_probs(
     if probs.shape[2:] != images.shape[2:]:
         probs = torch.nn.functional.interpolate(probs, size=images.shape[2:], mode="bilinear")
     return probs
+
+
+def _judged(judge, see, images, masks) -> dict:
+    """The judge's cross-entropy on the evaluation batch before and after alignment
+    (``judge_before``, ``judge_after``); ``{}`` without a judge."""
+    if judge is None:
+        return {}
+    with torch.no_grad():
+        return {
+            f"judge_{name}": float(judge(*see(x), masks))
+            for name, x in zip(("before", "after"), images, strict=True)
+        }
 
 
 def _class_contrast(model: SynthModel, see, images, masks, anchors) -> dict:
