@@ -193,4 +193,10 @@ def test_the_judge_is_trained_before_the_alignments_use_it(harness, tmp_path):
     assert aligned["config"]["judge_segmenter"] == str(out / judge["checkpoint"])
     assert aligned["class_means"]["estimate"] == "labels"
     assert record["alignment"]["1"]["0"]["judge_after"] == aligned["judge_after"]
+    # the aligned set keeps its replicate's name (a later seed must not reuse it)
+    assert sorted(p.name for p in (out / "datasets").iterdir()) == [
+        "aligned_k1_seed0",
+        "augmented_seed0",
+        "unaligned_seed0",
+    ]
     assert record["config"]["judge"] == "augmented"

@@ -366,9 +366,9 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
         if h.cfg.judge is not None:
             judge = str(h.checkpoints[JUDGES[h.cfg.judge], seed])
             weights = AlignConfig(**h.cfg.align)
-            for weight, name in JUDGE_WEIGHTS.items():
+            for weight, judged in JUDGE_WEIGHTS.items():
                 if getattr(weights, weight) > 0:
-                    fields[name] = judge
+                    fields[judged] = judge
         align(
             h.stage1,
             h.target / "references",
