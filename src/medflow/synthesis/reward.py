@@ -34,8 +34,9 @@ passing the module in: loading a segmenter checkpoint is ``medflow.segmentation`
 (:func:`medflow.segmentation.features.early_features`), and this module never imports it.
 ``early_features`` answers the flow segmenter's problem, a first layer that mixes the image
 with the flow state and time, by taking its image branch, which sees neither; a flow network
-without one is refused. ``synth align`` does not offer the group yet (the harness trains the
-source segmenter only after the alignments it would have to feed); it is named in
+without one is refused. ``synth align`` does not offer the group (measured no better at
+telling the sites apart than the default features, docs/ALIGNFLOW.md; the harness could now
+hand it a segmenter, as it hands the judge, :mod:`medflow.synthesis.judge`); it is named in
 :data:`~medflow.synthesis.config.EXTRACTOR_FEATURES`, not in the groups a config may name.
 
 ``synth align`` computes the features on the images as the segmenter will see them
