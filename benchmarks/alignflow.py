@@ -14,8 +14,9 @@ docs/DATA.md).
 stage 1 (``synth.steps=1200``) or stage 2 (``align.reg_weight=1``); ``--synth-model`` reuses
 a stage-1 checkpoint instead of training one. ``--baselines`` picks the control, baseline
 and translation arms (default: the four controls and baselines; ``--baselines`` alone: none;
-``translated`` and ``translated_sdedit``, translation from real masks, only when named: each
-adds an alignment and a segmenter per K and seed); each trains one segmenter per seed, the
+``translated`` and ``translated_sdedit``, translation from real masks, and ``unjudged``, the
+alignment without ``--judge``, only when named: each adds an alignment and a segmenter per K
+and seed); each trains one segmenter per seed, the
 histogram-matching baseline and the translation arms one per K. ``--synthetic-fraction F``
 draws that share of every batch of an arm with synthetic pairs from them.
 """
@@ -80,8 +81,8 @@ def main() -> None:
         choices=BASELINES,
         default=list(DEFAULT_BASELINES),
         help="control, baseline and translation arms to run (default: "
-        f"{' '.join(DEFAULT_BASELINES)}; translated, translated_sdedit and "
-        "augmented_aligned only when named)",
+        f"{' '.join(DEFAULT_BASELINES)}; translated, translated_sdedit, "
+        "augmented_aligned and unjudged only when named)",
     )
     ap.add_argument(
         "--sdedit-start", type=float, default=0.5, help="t0 of the translated_sdedit arm"

@@ -169,6 +169,8 @@ def test_a_judge_needs_its_arm_and_a_term_to_serve():
         HarnessConfig(judge="source")
     with pytest.raises(ValueError, match="needs a judge"):
         HarnessConfig(align={"judge_weight": 1.0})
+    with pytest.raises(ValueError, match="unjudged control leaves out a judge"):
+        HarnessConfig(baselines=("unjudged",))
     assert HarnessConfig(judge="augmented", align={"judge_weight": 1.0}).judge == "augmented"
     # the harness's own configs of the alignment carry the weight without the judge's path
     assert conditions(HarnessConfig(judge="source", align={"judge_weight": 1.0}), 20)
@@ -200,3 +202,44 @@ def test_the_judge_is_trained_before_the_alignments_use_it(harness, tmp_path):
         "unaligned_seed0",
     ]
     assert record["config"]["judge"] == "augmented"
+
+
+def test_the_unjudged_control_aligns_the_same_way_without_the_judge(harness, tmp_path):
+    source, target, _, _ = harness
+    cfg = dataclasses.replace(
+        TINY,
+        ks=(1,),
+        baselines=("augmented", "augmented_aligned", "unjudged"),
+        oracle=False,
+        judge="augmented",
+        align={**TINY.align, "judge_weight": 1.0},
+    )
+    names = [c.name for c in conditions(cfg, stage1_steps=3)]
+    assert names[-2:] == [
+        "source+aligned without judge K=1",
+        "source+augmented+aligned without judge K=1",
+    ]
+    out = tmp_path / "unjudged"
+    record = run_alignflow(source, target, out, cfg, quiet=True)
+    judged = json.loads((out / "synth" / "align_k1_seed0" / "align.json").read_text())
+    bare = json.loads((out / "synth" / "align_nojudge_k1_seed0" / "align.json").read_text())
+    # only the judge differs: same K, seed, reward and steps; no segmenter, weight 0
+    assert judged["config"]["judge_weight"] == 1.0 and judged["config"]["judge_segmenter"]
+    assert bare["config"]["judge_weight"] == 0.0 and bare["config"]["judge_segmenter"] is None
+    differ = {k for k in judged["config"] if judged["config"][k] != bare["config"][k]}
+    assert differ == {"judge_weight", "judge_segmenter"}
+    assert "judge_after" in judged and "judge_after" not in bare
+    assert record["alignment"]["aligned without judge K=1"]["0"]["reward_after"] == (
+        bare["reward_after"]
+    )
+    # each arm trains on its own set, and the contrasts isolate the judge
+    sets = {r["condition"]: r["run"] for r in record["rows"]}
+    assert len(set(sets.values())) == len(sets) == len(names)
+    assert (out / "datasets" / "augmented_aligned_nojudge_k1_seed0" / "dataset.json").exists()
+    pairs = {(c["condition"], c["versus"]) for c in record["contrasts"]}
+    assert ("source+aligned K=1", "source+aligned without judge K=1") in pairs
+    assert (
+        "source+augmented+aligned K=1",
+        "source+augmented+aligned without judge K=1",
+    ) in pairs
+    assert "aligned without judge K=1" in record["faithfulness_dice"]

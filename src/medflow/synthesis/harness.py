@@ -18,8 +18,10 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
    from ``sdedit_start`` (``translated_sdedit``); the aligned pairs under the same strong
    augmentation as the source's (``augmented_aligned``: source + aligned pairs, every case
    with its augmented copies; against ``augmented`` only the aligned pairs differ, so it
-   asks whether alignment adds anything to augmentation); and (``oracle``) the target's own
-   labelled training cases, the upper bound;
+   asks whether alignment adds anything to augmentation); with a ``judge``, the same
+   alignments without it (``unjudged``: judge weight 0, class anchors from the mixture;
+   against the judged arm only the judge differs; with ``augmented_aligned`` also
+   augmented); and (``oracle``) the target's own labelled training cases, the upper bound;
 3. for every replicate seed ``r`` (``seeds``): every synthetic set drawn, every alignment
    run and every segmenter trained with seed ``r``, so conditions are compared paired,
    replicate by replicate (:mod:`medflow.synthesis.tables`: paired gains with t intervals);
@@ -39,7 +41,9 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
 Every condition trains one more segmenter per seed: the default baselines add
 ``3 + len(ks)`` arms to the core ``2 + len(ks)`` (+ oracle); ``translated`` and
 ``translated_sdedit`` add ``len(ks)`` arms and ``len(ks)`` alignments per seed each,
-``augmented_aligned`` ``len(ks)`` arms (it reuses the aligned arms' alignments).
+``augmented_aligned`` ``len(ks)`` arms (it reuses the aligned arms' alignments),
+``unjudged`` ``len(ks)`` alignments and ``len(ks)`` arms per seed (twice the arms with
+``augmented_aligned``).
 """
 
 from __future__ import annotations
@@ -85,7 +89,13 @@ EVAL_ENCODER_SEED = 1  # the reward's encoder has seed 0 by default
 ORACLE = "target labelled (oracle)"
 # what runs unless baselines are chosen; the translation arms cost an alignment per K each
 DEFAULT_BASELINES = ("equal_steps", "real_masks", "augmented", "histogram")
-BASELINES = (*DEFAULT_BASELINES, "translated", "translated_sdedit", "augmented_aligned")
+BASELINES = (
+    *DEFAULT_BASELINES,
+    "translated",
+    "translated_sdedit",
+    "augmented_aligned",
+    "unjudged",
+)
 # HarnessConfig.judge -> the condition whose segmenter the alignments use
 JUDGES = {"source": "source", "augmented": "source+augmented"}
 # AlignConfig weight -> the field the judge's checkpoint fills when that weight is > 0
@@ -152,6 +162,8 @@ class HarnessConfig:
                 raise ValueError(
                     "align.judge_weight > 0 needs a judge (HarnessConfig.judge, --judge)"
                 )
+            if "unjudged" in self.baselines:
+                raise ValueError("the unjudged control leaves out a judge: it needs --judge")
             return
         if self.judge not in JUDGES:
             raise ValueError(f"judge must be one of {sorted(JUDGES)}, got {self.judge}")
@@ -302,18 +314,6 @@ def _augmented(h: _Harness, seed: int) -> Path:
     )
 
 
-def _augmented_aligned(h: _Harness, seed: int, k: int) -> Path:
-    """The aligned arm's training set (source + pairs aligned to K references), every case,
-    real or synthetic, with its augmented copies as in :func:`_augmented`."""
-    aligned = _aligned(h, seed, k)
-    axis = SynthModel.load(h.stage1).prep.slice_axis
-    copies = h.cfg.augment_copies
-    return h.dataset(
-        f"augmented_aligned_k{k}_seed{seed}",
-        lambda p: augmented_dataset(aligned, p, copies, axis, seed),
-    )
-
-
 def _histogram(h: _Harness, seed: int, k: int) -> Path:
     def make(path: Path) -> None:
         refs = read_references(h.target / "references", SynthModel.load(h.stage1).prep, k)
@@ -329,25 +329,43 @@ class _Route:
 
     masks: str = "flow"
     start_time: float = 0.0
+    judged: bool = True  # False: without HarnessConfig.judge (the ``unjudged`` control)
 
     @property
     def label(self) -> str:
         """The synthetic set's name without K: ``aligned``, ``translated``,
-        ``translated t0=0.5``."""
+        ``translated t0=0.5``, ``aligned without judge``."""
         if self.masks == "flow":
-            return "aligned"
-        return "translated" + (f" t0={self.start_time:g}" if self.start_time else "")
+            name = "aligned"
+        else:
+            name = "translated" + (f" t0={self.start_time:g}" if self.start_time else "")
+        return name if self.judged else f"{name} without judge"
 
     def names(self, k: int, seed: int) -> tuple[str, str]:
         """The alignment's run folder and the dataset's folder: distinct per route, so that
         ``reuse`` reads back the alignment of this route and no other."""
+        tail = f"k{k}_seed{seed}" if self.judged else f"nojudge_k{k}_seed{seed}"
         if self.masks == "flow":
-            return f"align_k{k}_seed{seed}", f"aligned_k{k}_seed{seed}"
+            return f"align_{tail}", f"aligned_{tail}"
         t0 = f"_t{self.start_time:g}" if self.start_time else ""
-        return f"translate{t0}_k{k}_seed{seed}", f"translated{t0}_k{k}_seed{seed}"
+        return f"translate{t0}_{tail}", f"translated{t0}_{tail}"
 
 
 FLOW = _Route()  # stage 2 as first built: mask-flow masks, sampler from noise
+UNJUDGED = _Route(judged=False)  # the same, without the judge's segmenter
+
+
+def _judge_fields(h: _Harness, seed: int, route: _Route) -> dict:
+    """``AlignConfig`` fields that hand the alignment the judge's checkpoint of ``seed``
+    (for every judge-fed weight > 0); for a route without the judge, judge weight 0 and
+    no segmenter (class anchors, if weighted, from the mixture)."""
+    if h.cfg.judge is None:
+        return {}
+    if not route.judged:
+        return {"judge_weight": 0.0}
+    judge = str(h.checkpoints[JUDGES[h.cfg.judge], seed])
+    weights = AlignConfig(**h.cfg.align)
+    return {field: judge for w, field in JUDGE_WEIGHTS.items() if getattr(weights, w) > 0}
 
 
 def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
@@ -363,12 +381,7 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
         what = "" if route == FLOW else f" ({route.label})"
         h.say(f"stage 2{what}: aligning to K={k} reference(s), seed {seed}")
         fields = {"k": k, "seed": seed, "masks": route.masks, "start_time": route.start_time}
-        if h.cfg.judge is not None:
-            judge = str(h.checkpoints[JUDGES[h.cfg.judge], seed])
-            weights = AlignConfig(**h.cfg.align)
-            for weight, judged in JUDGE_WEIGHTS.items():
-                if getattr(weights, weight) > 0:
-                    fields[judged] = judge
+        fields.update(_judge_fields(h, seed, route))
         align(
             h.stage1,
             h.target / "references",
@@ -387,6 +400,19 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
         h.sample(aligned, path, seed, **draw)
 
     return h.dataset(name, make)
+
+
+def _augmented_aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
+    """The training set of an aligned arm (source + pairs aligned to K references along
+    ``route``), every case, real or synthetic, with its augmented copies as in
+    :func:`_augmented`."""
+    aligned = _aligned(h, seed, k, route)
+    axis = SynthModel.load(h.stage1).prep.slice_axis
+    copies = h.cfg.augment_copies
+    return h.dataset(
+        f"augmented_{route.names(k, seed)[1]}",
+        lambda p: augmented_dataset(aligned, p, copies, axis, seed),
+    )
 
 
 @dataclass(frozen=True)
@@ -455,12 +481,39 @@ def conditions(cfg: HarnessConfig, stage1_steps: int) -> list[Condition]:
             )
             for k in cfg.ks
         ),
+        *_unjudged(cfg),
     ]
     if cfg.oracle:
         arms.append(Condition(ORACLE, _target))
     if steps == stage1_steps:  # the equal-steps control would repeat source+unaligned
         arms = [c for c in arms if c.baseline != "equal_steps"]
     return [c for c in arms if c.baseline is None or c.baseline in cfg.baselines]
+
+
+def _unjudged(cfg: HarnessConfig) -> list[Condition]:
+    """The ``unjudged`` control's arms: aligned without the judge, for every K, and with
+    ``augmented_aligned`` the same under augmentation."""
+    label = UNJUDGED.label
+    arms = [
+        Condition(
+            f"source+{label} K={k}",
+            partial(_aligned, k=k, route=UNJUDGED),
+            f"{label} K={k}",
+            "unjudged",
+        )
+        for k in cfg.ks
+    ]
+    if "augmented_aligned" in cfg.baselines:
+        arms += [
+            Condition(
+                f"source+augmented+{label} K={k}",
+                partial(_augmented_aligned, k=k, route=UNJUDGED),
+                f"{label} K={k}, augmented",
+                "unjudged",
+            )
+            for k in cfg.ks
+        ]
+    return arms
 
 
 def contrasts(conds: list[Condition], rows: list[dict], ks) -> list[dict]:
@@ -470,7 +523,8 @@ def contrasts(conds: list[Condition], rows: list[dict], ks) -> list[dict]:
     then every translated K against stage-1 images for real masks (only the alignment
     differs) and against aligned (only the masks differ), and the translation from t0
     against the one from noise (only the start differs); then augmented + aligned against
-    augmented (only the aligned pairs differ) and against aligned (only the augmentation)."""
+    augmented (only the aligned pairs differ) and against aligned (only the augmentation);
+    then judged against unjudged alignments, alone and augmented (only the judge)."""
     names = {c.name for c in conds}
     out = []
     for k in ks:
@@ -494,6 +548,12 @@ def contrasts(conds: list[Condition], rows: list[dict], ks) -> list[dict]:
     for k in ks:  # what the aligned pairs add to augmentation, and augmentation to them
         both = f"source+augmented+aligned K={k}"
         pairs = [(both, "source+augmented"), (both, f"source+aligned K={k}")]
+        out += [paired_difference(rows, a, b) for a, b in pairs if a in names and b in names]
+    for k in ks:  # what the judge adds to an alignment, alone and under augmentation
+        pairs = [
+            (f"source+{arm} K={k}", f"source+{arm} without judge K={k}")
+            for arm in ("aligned", "augmented+aligned")
+        ]
         out += [paired_difference(rows, a, b) for a, b in pairs if a in names and b in names]
     return out
 
