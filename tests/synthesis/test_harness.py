@@ -229,9 +229,8 @@ def test_the_unjudged_control_aligns_the_same_way_without_the_judge(harness, tmp
     differ = {k for k in judged["config"] if judged["config"][k] != bare["config"][k]}
     assert differ == {"judge_weight", "judge_segmenter"}
     assert "judge_after" in judged and "judge_after" not in bare
-    assert record["alignment"]["aligned without judge K=1"]["0"]["reward_after"] == (
-        bare["reward_after"]
-    )
+    recorded = record["alignment"]["aligned without judge K=1"]["0"]
+    assert recorded["reward_after"] == bare["reward_after"]
     # each arm trains on its own set, and the contrasts isolate the judge
     sets = {r["condition"]: r["run"] for r in record["rows"]}
     assert len(set(sets.values())) == len(sets) == len(names)
