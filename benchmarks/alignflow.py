@@ -12,7 +12,9 @@ docs/DATA.md).
 
 ``--set section.field=value`` changes a field of the segmenter (``segmenter.steps=300``),
 stage 1 (``synth.steps=1200``) or stage 2 (``align.reg_weight=1``); ``--synth-model`` reuses
-a stage-1 checkpoint instead of training one. ``--baselines`` picks the control, baseline
+a stage-1 checkpoint instead of training one (or one per seed, in ``--seeds`` order);
+``--stage1-per-seed`` trains one stage 1 per replicate seed, so the intervals also hold
+what stage 1's seed changes. ``--baselines`` picks the control, baseline
 and translation arms (default: the four controls and baselines; ``--baselines`` alone: none;
 ``translated`` and ``translated_sdedit``, translation from real masks, and ``unjudged``, the
 alignment without ``--judge``, only when named: each adds an alignment and a segmenter per K
@@ -100,7 +102,17 @@ def main() -> None:
         help="the arm whose segmenter the alignments use: for the class anchors "
         "(--set align.class_anchor_weight=W) and/or the judge term (align.judge_weight=W)",
     )
-    ap.add_argument("--synth-model", type=Path, help="reuse this stage-1 synth.pt")
+    ap.add_argument(
+        "--synth-model",
+        type=Path,
+        nargs="+",
+        help="reuse this stage-1 synth.pt (or one per seed, in --seeds order)",
+    )
+    ap.add_argument(
+        "--stage1-per-seed",
+        action="store_true",
+        help="train stage 1 once per replicate seed (its SynthConfig.seed)",
+    )
     ap.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
     ap.add_argument("--results", type=Path, help="copy results.json here")
     ap.add_argument("--force", action="store_true")
@@ -112,6 +124,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.site is not None and args.target is not None:
         ap.error("--site chooses the embedded target: give --site or --target, not both")
+    if args.synth_model and len(args.synth_model) not in (1, len(args.seeds)):
+        ap.error(f"--synth-model: give one checkpoint, or one per seed ({len(args.seeds)})")
+    if args.synth_model and args.stage1_per_seed:
+        ap.error("--stage1-per-seed trains stage 1: give it or --synth-model, not both")
 
     source, target = args.source, args.target
     if source is None:
@@ -138,6 +154,7 @@ def main() -> None:
         segmenter={**defaults.segmenter, **sections["segmenter"]},
         synth=sections["synth"],
         align=sections["align"],
+        stage1_per_seed=args.stage1_per_seed,
     )
     t0 = time.perf_counter()
     run_alignflow(

@@ -242,3 +242,33 @@ def test_the_unjudged_control_aligns_the_same_way_without_the_judge(harness, tmp
         "source+augmented+aligned without judge K=1",
     ) in pairs
     assert "aligned without judge K=1" in record["faithfulness_dice"]
+
+
+def test_stage1_per_seed_gives_every_replicate_its_own_stage1(harness, tmp_path):
+    source, target, out0, _ = harness
+    cfg = dataclasses.replace(
+        TINY, ks=(1,), seeds=(0, 1), baselines=(), oracle=False, stage1_per_seed=True
+    )
+    out = tmp_path / "per_seed"
+    record = run_alignflow(source, target, out, cfg, quiet=True)
+    runs = {seed: out / "synth" / f"stage1_seed{seed}" for seed in (0, 1)}
+    for seed, run in runs.items():
+        assert json.loads((run / "config.json").read_text())["config"]["seed"] == seed
+        # each replicate's alignment starts from its own stage 1
+        aligned = json.loads((out / "synth" / f"align_k1_seed{seed}" / "align.json").read_text())
+        assert aligned["checkpoint"] == str((run / "synth.pt").resolve())
+    assert record["synth_model"] == {str(s): str(r / "synth.pt") for s, r in runs.items()}
+    assert (runs[0] / "synth.pt").read_bytes() != (runs[1] / "synth.pt").read_bytes()
+    # reuse reads the stage-1 runs back rather than training them again
+    stamp = {s: (r / "synth.pt").stat().st_mtime_ns for s, r in runs.items()}
+    run_alignflow(source, target, out, cfg, quiet=True, force=True, reuse=True)
+    assert {s: (r / "synth.pt").stat().st_mtime_ns for s, r in runs.items()} == stamp
+    # given checkpoints: one for all replicates, or one per seed, never another count
+    given = run_alignflow(
+        source, target, tmp_path / "given", cfg, synth_model=[runs[1] / "synth.pt"] * 2
+    )
+    assert set(given["synth_model"].values()) == {str(runs[1] / "synth.pt")}
+    with pytest.raises(ValueError, match="3 stage-1 checkpoints for 2 replicate seeds"):
+        run_alignflow(source, target, tmp_path / "bad", cfg, synth_model=[out0] * 3)
+    with pytest.raises(ValueError, match="synth.seed is not used"):
+        dataclasses.replace(cfg, synth={**TINY.synth, "seed": 3})

@@ -3,7 +3,9 @@
 One call runs the whole protocol on a labelled source dataset and a target-site dataset
 (``imagesTs``/``labelsTs`` for evaluation only, ``references/`` of unlabelled images):
 
-1. stage 1 on the source (or a given stage-1 checkpoint);
+1. stage 1 on the source (or a given stage-1 checkpoint): one for every replicate, or
+   with ``stage1_per_seed`` one per replicate seed, so that the paired intervals also hold
+   what stage 1's own seed changes;
 2. the training sets, one :class:`Condition` each (:func:`conditions`): the source alone;
    source + ``n_synthetic`` stage-1 ("unaligned") pairs; source + pairs of the stage-2 model
    aligned to the first K references, for every K; and the controls and baselines a
@@ -51,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -128,6 +130,9 @@ class HarnessConfig:
             the share follows the counts, 96 synthetic to 96 real by default).
         segmenter: ``TrainConfig`` fields of the downstream segmenter.
         synth: ``SynthConfig`` fields of stage 1.
+        stage1_per_seed: train stage 1 once per replicate, seeded with the replicate's
+            seed (``SynthConfig.seed``; ``synth`` must not set it), so every replicate
+            draws, aligns and samples its own stage 1; False: one stage 1 for all.
         align: ``AlignConfig`` fields of stage 2 (``k`` and ``seed`` are set per run).
     """
 
@@ -143,6 +148,7 @@ class HarnessConfig:
     segmenter: dict = field(default_factory=lambda: {"size": 64, "steps": 200, "val_fraction": 0})
     synth: dict = field(default_factory=dict)
     align: dict = field(default_factory=dict)
+    stage1_per_seed: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.baselines) - set(BASELINES)
@@ -154,6 +160,8 @@ class HarnessConfig:
             raise ValueError(f"sdedit_start must be in (0, 1), got {self.sdedit_start}")
         if not 0.0 <= self.synthetic_fraction < 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1), got {self.synthetic_fraction}")
+        if self.stage1_per_seed and "seed" in self.synth:
+            raise ValueError("stage1_per_seed seeds stage 1 by replicate: synth.seed is not used")
         self._check_judge()
 
     def _check_judge(self) -> None:
@@ -241,7 +249,7 @@ class _Harness:
     target: Path
     out: Path
     cfg: HarnessConfig
-    stage1: Path
+    stage1: dict[int, Path]  # replicate seed -> its stage-1 checkpoint
     device: str
     reuse: bool
     say: Callable[[str], None]
@@ -261,6 +269,10 @@ class _Harness:
                 make(path)
             self.built[name] = path
         return path
+
+    def model(self, seed: int) -> SynthModel:
+        """The stage-1 model of replicate ``seed``."""
+        return SynthModel.load(self.stage1[seed])
 
     def sample(self, model: Path, path: Path, seed: int, **kwargs) -> None:
         sample_dataset(
@@ -286,14 +298,14 @@ def _target(h: _Harness, seed: int) -> Path:
 
 def _unaligned(h: _Harness, seed: int, steps: int | None = None) -> Path:
     name = "unaligned" if steps is None else f"unaligned_{steps}steps"
-    return h.dataset(f"{name}_seed{seed}", lambda p: h.sample(h.stage1, p, seed, steps=steps))
+    return h.dataset(f"{name}_seed{seed}", lambda p: h.sample(h.stage1[seed], p, seed, steps=steps))
 
 
 def _real_draw(h: _Harness, seed: int) -> dict:
     """``n_synthetic`` real source masks and their images (drawn without replacement while
     they last, at the stage-1 model's size), as ``sample_dataset`` arguments; every arm on
     real masks draws the same ones for a seed."""
-    masks, images = real_pairs(h.source, SynthModel.load(h.stage1), h.cfg.n_synthetic, seed)
+    masks, images = real_pairs(h.source, h.model(seed), h.cfg.n_synthetic, seed)
     return {"masks": masks, "images": images}
 
 
@@ -301,13 +313,13 @@ def _real_masks(h: _Harness, seed: int) -> Path:
     """Stage-1 images for the real source masks of :func:`_real_draw`."""
 
     def make(path: Path) -> None:
-        h.sample(h.stage1, path, seed, masks=_real_draw(h, seed)["masks"])
+        h.sample(h.stage1[seed], path, seed, masks=_real_draw(h, seed)["masks"])
 
     return h.dataset(f"real_masks_seed{seed}", make)
 
 
 def _augmented(h: _Harness, seed: int) -> Path:
-    axis = SynthModel.load(h.stage1).prep.slice_axis
+    axis = h.model(seed).prep.slice_axis
     copies = h.cfg.augment_copies
     return h.dataset(
         f"augmented_seed{seed}", lambda p: augmented_dataset(h.source, p, copies, axis, seed)
@@ -316,7 +328,7 @@ def _augmented(h: _Harness, seed: int) -> Path:
 
 def _histogram(h: _Harness, seed: int, k: int) -> Path:
     def make(path: Path) -> None:
-        refs = read_references(h.target / "references", SynthModel.load(h.stage1).prep, k)
+        refs = read_references(h.target / "references", h.model(seed).prep, k)
         histogram_matched_dataset(h.source, refs, path)
 
     return h.dataset(f"histmatch_k{k}", make)  # deterministic: one for every replicate
@@ -383,7 +395,7 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
         fields = {"k": k, "seed": seed, "masks": route.masks, "start_time": route.start_time}
         fields.update(_judge_fields(h, seed, route))
         align(
-            h.stage1,
+            h.stage1[seed],
             h.target / "references",
             aligned.parent,
             AlignConfig(**{**h.cfg.align, **fields}),
@@ -407,7 +419,7 @@ def _augmented_aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> 
     ``route``), every case, real or synthetic, with its augmented copies as in
     :func:`_augmented`."""
     aligned = _aligned(h, seed, k, route)
-    axis = SynthModel.load(h.stage1).prep.slice_axis
+    axis = h.model(seed).prep.slice_axis
     copies = h.cfg.augment_copies
     return h.dataset(
         f"augmented_{route.names(k, seed)[1]}",
@@ -572,13 +584,16 @@ def run_alignflow(
     out: str | Path,
     cfg: HarnessConfig,
     *,
-    synth_model: str | Path | None = None,
+    synth_model: str | Path | Sequence[str | Path] | None = None,
     device: str = "auto",
     force: bool = False,
     quiet: bool = False,
     reuse: bool = False,
 ) -> dict:
     """Run the protocol of the module docstring into ``out``; returns ``results.json``.
+
+    ``synth_model`` reuses stage-1 checkpoints instead of training them: one for every
+    replicate, or one per replicate seed, in the order of ``cfg.seeds``.
 
     With ``reuse``, an alignment, a dataset or a segmenter run already complete in ``out``
     (from an earlier, interrupted or partly invalidated call) is read back instead of
@@ -589,18 +604,9 @@ def run_alignflow(
     _check_target(target)
     say = (lambda *a: None) if quiet else print
     t_start = time.perf_counter()
-    if synth_model is None:
-        say("stage 1: mask flow + image flow on the source")
-        synth_model = train_synth(
-            source,
-            out / "synth" / "stage1",
-            SynthConfig(**cfg.synth),
-            device=device,
-            force=True,
-            quiet=True,
-        )
-    h = _Harness(source, target, out, cfg, Path(synth_model), device, reuse, say)
-    conds = conditions(cfg, SynthModel.load(synth_model).sample_steps)
+    stage1 = _stage1(source, out, cfg, synth_model, device, reuse, say)
+    h = _Harness(source, target, out, cfg, stage1, device, reuse, say)
+    conds = conditions(cfg, _sample_steps(stage1))
     rows = []
     for seed in cfg.seeds:  # replicate by replicate, arm by arm: its dataset, its segmenter
         for c in conds:
@@ -627,7 +633,7 @@ def run_alignflow(
         rows,
         dataclasses.asdict(cfg),
         device,
-        synth_model=str(synth_model),
+        synth_model={str(seed): str(path) for seed, path in stage1.items()},
         seconds=time.perf_counter() - t_start,
         summary=summarise(rows),
         contrasts=contrasts(conds, rows, cfg.ks),
@@ -646,6 +652,63 @@ def run_alignflow(
     )
     write_results(out, record, markdown(record))
     return record
+
+
+def _stage1(
+    source: Path,
+    out: Path,
+    cfg: HarnessConfig,
+    given: str | Path | Sequence[str | Path] | None,
+    device: str,
+    reuse: bool,
+    say: Callable[[str], None],
+) -> dict[int, Path]:
+    """Replicate seed -> its stage-1 checkpoint: the ones given, or trained on the source
+    into ``out/synth/stage1`` (``stage1_seed<r>`` with ``stage1_per_seed``; read back with
+    ``reuse`` when there)."""
+    if given is not None:
+        paths = [given] if isinstance(given, (str, Path)) else list(given)
+        if len(paths) not in (1, len(cfg.seeds)):
+            raise ValueError(
+                f"{len(paths)} stage-1 checkpoints for {len(cfg.seeds)} replicate seeds: "
+                "give one, or one per seed"
+            )
+        return {seed: Path(paths[i % len(paths)]) for i, seed in enumerate(cfg.seeds)}
+    if not cfg.stage1_per_seed:
+        trained = _train_stage1(source, out / "synth" / "stage1", cfg.synth, device, reuse, say)
+        return dict.fromkeys(cfg.seeds, trained)
+    return {
+        seed: _train_stage1(
+            source,
+            out / "synth" / f"stage1_seed{seed}",
+            {**cfg.synth, "seed": seed},
+            device,
+            reuse,
+            say,
+        )
+        for seed in cfg.seeds
+    }
+
+
+def _train_stage1(
+    source: Path, run: Path, fields: dict, device: str, reuse: bool, say: Callable[[str], None]
+) -> Path:
+    if reuse and (run / "synth.pt").exists():
+        return run / "synth.pt"
+    seed = f", seed {fields['seed']}" if "seed" in fields else ""
+    say(f"stage 1{seed}: mask flow + image flow on the source")
+    return Path(
+        train_synth(source, run, SynthConfig(**fields), device=device, force=True, quiet=True)
+    )
+
+
+def _sample_steps(stage1: dict[int, Path]) -> int:
+    """The stage-1 sampler steps, the same for every replicate's stage 1 (the equal-steps
+    control is one arm for all replicates)."""
+    steps = {SynthModel.load(path).sample_steps for path in set(stage1.values())}
+    if len(steps) > 1:
+        raise ValueError(f"the stage-1 checkpoints sample with different steps: {sorted(steps)}")
+    return steps.pop()
 
 
 def _grade_synthetic(h: _Harness, conds: list[Condition], checkpoints: dict) -> dict:
