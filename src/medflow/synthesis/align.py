@@ -276,19 +276,8 @@ def align(
     stage1 = ImageFlow(copy.deepcopy(model.image_flow.net).requires_grad_(False).eval())
     outline = _outliner(model, stage1, cfg)
     see = _viewer(model)
-    encoder = FeatureEncoder(
-        len(model.channel_names), seed=cfg.encoder_seed, features=cfg.reward_features
-    ).to(dev)
-    # the reward compares the images as the segmenter will see them, over the tissue only;
-    # its yardstick is calibrated on stage-1 images (see MMDReward)
     view_before, fg_before = see(before)
-    reward = MMDReward(
-        encoder,
-        refs.images.to(dev),
-        ref_mask=refs.foreground.to(dev),
-        scale_from=view_before,
-        scale_mask=fg_before,
-    )
+    reward = _reward(model, refs, (view_before, fg_before), cfg, dev)
     reward_before = float(reward(view_before, fg_before))
     anchors = _anchors(model, refs, (view_before, fg_before, eval_masks), cfg)
     judge = None
@@ -326,6 +315,23 @@ def align(
     real = [] if pool.images is None else [("source images", pool.images[index])]
     preview = [("references", refs.images[:n]), *real, ("before", before), ("aligned", after)]
     return _save(out, model, summary, rows, preview, eval_masks)
+
+
+def _reward(model: SynthModel, refs: References, seen_before, cfg: AlignConfig, dev):
+    """The reward: it compares the images as the segmenter will see them, over the tissue
+    only, and its yardstick is calibrated on the stage-1 images ``seen_before`` (their view
+    and tissue; see MMDReward)."""
+    encoder = FeatureEncoder(
+        len(model.channel_names), seed=cfg.encoder_seed, features=cfg.reward_features
+    ).to(dev)
+    view, fg = seen_before
+    return MMDReward(
+        encoder,
+        refs.images.to(dev),
+        ref_mask=refs.foreground.to(dev),
+        scale_from=view,
+        scale_mask=fg,
+    )
 
 
 def _n_classes(model: SynthModel) -> int:
