@@ -7,6 +7,7 @@ import shutil
 import pytest
 from conftest import TINY_TRAIN, make_nnunet_dataset
 
+from medflow.data.datasets import plan_preprocessing
 from medflow.data.layout import load_dataset
 from medflow.data.naming import is_synthetic
 from medflow.errors import OutputExistsError
@@ -14,6 +15,8 @@ from medflow.synthesis.harness import (
     DEFAULT_BASELINES,
     ORACLE,
     HarnessConfig,
+    _faithfulness,
+    _synthetic_slices,
     conditions,
     run_alignflow,
 )
@@ -259,6 +262,16 @@ def test_stage1_per_seed_gives_every_replicate_its_own_stage1(harness, tmp_path)
         assert aligned["checkpoint"] == str((run / "synth.pt").resolve())
     assert record["synth_model"] == {str(s): str(r / "synth.pt") for s, r in runs.items()}
     assert (runs[0] / "synth.pt").read_bytes() != (runs[1] / "synth.pt").read_bytes()
+    # every replicate's sets are graded, each by its own replicate's source segmenter
+    by_seed = record["faithfulness_by_seed"]
+    assert set(by_seed) == {"0", "1"} and by_seed["0"] == record["faithfulness_dice"]
+    assert list(by_seed["1"]) == ["unaligned", "aligned K=1"]
+    spec = load_dataset(source)
+    prep = plan_preprocessing(spec, spec.training, (TINY_TRAIN["size"],) * 2, None)
+    seg = next(r for r in record["rows"] if r["condition"] == "source" and r["seed"] == 1)
+    aligned = _synthetic_slices(out / "datasets" / "aligned_k1_seed1", prep, spec.num_classes)
+    dice = _faithfulness(out / seg["checkpoint"], aligned, spec.num_classes, "cpu")
+    assert by_seed["1"]["aligned K=1"]["source_segmenter"] == pytest.approx(dice)
     # reuse reads the stage-1 runs back rather than training them again
     stamp = {s: (r / "synth.pt").stat().st_mtime_ns for s, r in runs.items()}
     run_alignflow(source, target, out, cfg, quiet=True, force=True, reuse=True)

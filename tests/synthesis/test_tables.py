@@ -86,3 +86,26 @@ def test_pairing_across_runs_reports_diverging_source_rows():
     assert d["dice"] == pytest.approx(10.0) and d["dice_ci"] == pytest.approx([10.0, 10.0])
     assert d["shared_max_diff"] == pytest.approx(2.0)
     assert paired_across(run_a[3:], "x", run_b, "y")["shared_max_diff"] is None
+
+
+def test_faithfulness_shows_the_spread_over_replicates_when_graded():
+    rows = _rows("source", [0.50, 0.60, 0.70])
+    first = {"aligned": {"source_segmenter": 0.70, "oracle_segmenter": 0.80}}
+    record = {
+        "summary": summarise(rows),
+        "distances_to_target_test": {},
+        "faithfulness_dice": first,
+        "mask_statistics": {
+            "source real": {"1": {"area_mean": 0.3, "area_std": 0.1, "pairwise_dice": 0.4}}
+        },
+        "faithfulness_reference": {"source_segmenter_on_target_test": 0.6},
+    }
+    assert "| aligned | 0.700 | 0.800 |" in markdown(record)
+    record["faithfulness_by_seed"] = {
+        "0": first,
+        "1": {"aligned": {"source_segmenter": 0.50, "oracle_segmenter": 0.60}},
+        "2": {"aligned": {"source_segmenter": 0.60, "oracle_segmenter": 0.85}},
+    }
+    text = markdown(record)
+    assert "| aligned | 0.700; 0.600 [0.500, 0.700] | 0.800; 0.750 [0.600, 0.850] |" in text
+    assert "mean [min, max] over 3 replicates" in text

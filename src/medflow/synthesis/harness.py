@@ -38,7 +38,8 @@ One call runs the whole protocol on a labelled source dataset and a target-site 
    frozen random encoder with a different seed from the reward's, so the alignment is not
    graded by the features it optimised;
 6. faithfulness: the source-only and the oracle segmenters applied to each synthetic set,
-   Dice against the masks that conditioned the images.
+   Dice against the masks that conditioned the images; for every replicate, its sets by
+   its own segmenters (the first replicate's also as before).
 
 Every condition trains one more segmenter per seed: the default baselines add
 ``3 + len(ks)`` arms to the core ``2 + len(ks)`` (+ oracle); ``translated`` and
@@ -713,34 +714,45 @@ def _sample_steps(stage1: dict[int, Path]) -> int:
 
 def _grade_synthetic(h: _Harness, conds: list[Condition], checkpoints: dict) -> dict:
     """Distances of every synthetic set of the first replicate (and the real source) to the
-    target test images, faithfulness of the synthetic images to their masks, and mask
-    statistics."""
+    target test images, faithfulness of the synthetic images to their masks (the first
+    replicate's, and every replicate's under ``faithfulness_by_seed``: its sets judged by
+    its own segmenters), and mask statistics."""
     cfg, device, first = h.cfg, h.device, h.cfg.seeds[0]
     spec = load_dataset(h.source)
     k_classes, channels = spec.num_classes, len(spec.channel_names)
     seg = TrainConfig(**cfg.segmenter)
     prep = plan_preprocessing(spec, spec.training, (seg.size, seg.size), seg.slice_axis)
     target_test = load_slices(load_dataset(h.target).test, prep, k_classes)
-    synthetic = {
-        c.synthetic: _synthetic_slices(c.build(h, first), prep, k_classes)
-        for c in conds
-        if c.synthetic
-    }
+
+    def synthetic_sets(seed: int) -> dict:
+        return {
+            c.synthetic: _synthetic_slices(c.build(h, seed), prep, k_classes)
+            for c in conds
+            if c.synthetic
+        }
+
+    def faithfulness(seed: int, sets: dict) -> dict:
+        judges = {"source_segmenter": checkpoints["source", seed]}
+        if cfg.oracle:
+            judges["oracle_segmenter"] = checkpoints[ORACLE, seed]
+        return {
+            name: {j: _faithfulness(ckpt, s, k_classes, device) for j, ckpt in judges.items()}
+            for name, s in sets.items()
+        }
+
+    synthetic = synthetic_sets(first)
+    by_seed = {str(first): faithfulness(first, synthetic)}
+    by_seed.update({str(r): faithfulness(r, synthetic_sets(r)) for r in cfg.seeds[1:]})
     source_real = load_slices(spec.training, prep, k_classes)
-    judges = {"source_segmenter": checkpoints["source", first]}
-    if cfg.oracle:
-        judges["oracle_segmenter"] = checkpoints[ORACLE, first]
     images = {"source real": source_real.images, **{n: s.images for n, s in synthetic.items()}}
     masks = {"source real": source_real.masks, **{n: s.masks for n, s in synthetic.items()}}
     return {
         "distances_to_target_test": _distances(images, target_test.images, channels),
-        "faithfulness_dice": {
-            name: {j: _faithfulness(ckpt, s, k_classes, device) for j, ckpt in judges.items()}
-            for name, s in synthetic.items()
-        },
+        "faithfulness_dice": by_seed[str(first)],
+        "faithfulness_by_seed": by_seed,
         "faithfulness_reference": {
             "source_segmenter_on_target_test": _faithfulness(
-                judges["source_segmenter"], target_test, k_classes, device
+                checkpoints["source", first], target_test, k_classes, device
             ),
         },
         "mask_statistics": {name: mask_statistics(m, k_classes) for name, m in masks.items()},

@@ -138,21 +138,40 @@ def markdown(record: dict) -> str:
     lines += ["", "| images | MMD² to target test | Fréchet distance |", "|---|---|---|"]
     for name, d in record["distances_to_target_test"].items():
         lines.append(f"| {name} | {d['mmd2']:.4f} | {d['frechet']:.2f} |")
-    lines += [
-        "",
-        "| synthetic set | Dice of source segmenter | Dice of oracle segmenter |",
-        "|---|---|---|",
-    ]
-    for name, f in record["faithfulness_dice"].items():
-        oracle = f.get("oracle_segmenter")
-        lines.append(
-            f"| {name} | {f['source_segmenter']:.3f} | "
-            f"{'' if oracle is None else f'{oracle:.3f}'} |"
-        )
+    lines += _faithfulness_table(record)
     lines += _mask_table(record["mask_statistics"])
     ref = record["faithfulness_reference"]["source_segmenter_on_target_test"]
     lines += ["", f"Source segmenter on the real target test slices (same measure): {ref:.3f}", ""]
     return "\n".join(lines)
+
+
+def _faithfulness_table(record: dict) -> list[str]:
+    """Faithfulness of the first replicate's sets; with more replicates graded
+    (``faithfulness_by_seed``), also the mean and range over all of them."""
+    by_seed = list(record.get("faithfulness_by_seed", {}).values())
+    spread = len(by_seed) > 1
+    caption = f"Faithfulness: first replicate; mean [min, max] over {len(by_seed)} replicates."
+    lines = [
+        *(["", caption] if spread else []),
+        "",
+        "| synthetic set | Dice of source segmenter | Dice of oracle segmenter |",
+        "|---|---|---|",
+    ]
+
+    def cell(name: str, judge: str) -> str:
+        value = record["faithfulness_dice"][name].get(judge)
+        if value is None:
+            return ""
+        if not spread:
+            return f"{value:.3f}"
+        all_ = [f[name][judge] for f in by_seed]
+        return f"{value:.3f}; {statistics.mean(all_):.3f} [{min(all_):.3f}, {max(all_):.3f}]"
+
+    for name in record["faithfulness_dice"]:
+        lines.append(
+            f"| {name} | {cell(name, 'source_segmenter')} | {cell(name, 'oracle_segmenter')} |"
+        )
+    return lines
 
 
 def _mask_table(stats: dict) -> list[str]:
