@@ -14,7 +14,8 @@ docs/DATA.md).
 stage 1 (``synth.steps=1200``) or stage 2 (``align.reg_weight=1``); ``--synth-model`` reuses
 a stage-1 checkpoint instead of training one (or one per seed, in ``--seeds`` order);
 ``--stage1-per-seed`` trains one stage 1 per replicate seed, so the intervals also hold
-what stage 1's seed changes. ``--baselines`` picks the control, baseline
+what stage 1's seed changes; ``--draw-references`` has every replicate draw its K references
+at random with its seed instead of taking the first K. ``--baselines`` picks the control, baseline
 and translation arms (default: the four controls and baselines; ``--baselines`` alone: none;
 ``translated`` and ``translated_sdedit``, translation from real masks, and ``unjudged``, the
 alignment without ``--judge``, only when named: each adds an alignment and a segmenter per K
@@ -113,6 +114,11 @@ def main() -> None:
         action="store_true",
         help="train stage 1 once per replicate seed (its SynthConfig.seed)",
     )
+    ap.add_argument(
+        "--draw-references",
+        action="store_true",
+        help="every replicate draws its K references at random with its seed (nested over K)",
+    )
     ap.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
     ap.add_argument("--results", type=Path, help="copy results.json here")
     ap.add_argument("--force", action="store_true")
@@ -155,6 +161,7 @@ def main() -> None:
         synth=sections["synth"],
         align=sections["align"],
         stage1_per_seed=args.stage1_per_seed,
+        draw_references=args.draw_references,
     )
     t0 = time.perf_counter()
     run_alignflow(

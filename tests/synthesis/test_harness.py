@@ -11,6 +11,7 @@ from medflow.data.datasets import plan_preprocessing
 from medflow.data.layout import load_dataset
 from medflow.data.naming import is_synthetic
 from medflow.errors import OutputExistsError
+from medflow.synthesis.align import read_references
 from medflow.synthesis.harness import (
     DEFAULT_BASELINES,
     ORACLE,
@@ -20,6 +21,7 @@ from medflow.synthesis.harness import (
     conditions,
     run_alignflow,
 )
+from medflow.synthesis.model import SynthModel
 
 TINY = HarnessConfig(
     ks=(1, 2),
@@ -247,10 +249,16 @@ def test_the_unjudged_control_aligns_the_same_way_without_the_judge(harness, tmp
     assert "aligned without judge K=1" in record["faithfulness_dice"]
 
 
-def test_stage1_per_seed_gives_every_replicate_its_own_stage1(harness, tmp_path):
+def test_every_replicate_has_its_own_stage1_and_references(harness, tmp_path):
     source, target, out0, _ = harness
     cfg = dataclasses.replace(
-        TINY, ks=(1,), seeds=(0, 1), baselines=(), oracle=False, stage1_per_seed=True
+        TINY,
+        ks=(1,),
+        seeds=(0, 1),
+        baselines=(),
+        oracle=False,
+        stage1_per_seed=True,
+        draw_references=True,
     )
     out = tmp_path / "per_seed"
     record = run_alignflow(source, target, out, cfg, quiet=True)
@@ -258,8 +266,15 @@ def test_stage1_per_seed_gives_every_replicate_its_own_stage1(harness, tmp_path)
     for seed, run in runs.items():
         assert json.loads((run / "config.json").read_text())["config"]["seed"] == seed
         # each replicate's alignment starts from its own stage 1
-        aligned = json.loads((out / "synth" / f"align_k1_seed{seed}" / "align.json").read_text())
+        aligned = json.loads(
+            (out / "synth" / f"align_k1_seed{seed}_refs{seed}" / "align.json").read_text()
+        )
         assert aligned["checkpoint"] == str((run / "synth.pt").resolve())
+        # ... and the references its seed draws
+        prep = SynthModel.load(run / "synth.pt").prep
+        drawn = read_references(target / "references", prep, 1, order_seed=seed)
+        assert aligned["config"]["reference_seed"] == seed
+        assert aligned["references"] == drawn.files
     assert record["synth_model"] == {str(s): str(r / "synth.pt") for s, r in runs.items()}
     assert (runs[0] / "synth.pt").read_bytes() != (runs[1] / "synth.pt").read_bytes()
     # every replicate's sets are graded, each by its own replicate's source segmenter
@@ -269,7 +284,7 @@ def test_stage1_per_seed_gives_every_replicate_its_own_stage1(harness, tmp_path)
     spec = load_dataset(source)
     prep = plan_preprocessing(spec, spec.training, (TINY_TRAIN["size"],) * 2, None)
     seg = next(r for r in record["rows"] if r["condition"] == "source" and r["seed"] == 1)
-    aligned = _synthetic_slices(out / "datasets" / "aligned_k1_seed1", prep, spec.num_classes)
+    aligned = _synthetic_slices(out / "datasets" / "aligned_k1_seed1_refs1", prep, spec.num_classes)
     dice = _faithfulness(out / seg["checkpoint"], aligned, spec.num_classes, "cpu")
     assert by_seed["1"]["aligned K=1"]["source_segmenter"] == pytest.approx(dice)
     # reuse reads the stage-1 runs back rather than training them again
@@ -285,3 +300,5 @@ def test_stage1_per_seed_gives_every_replicate_its_own_stage1(harness, tmp_path)
         run_alignflow(source, target, tmp_path / "bad", cfg, synth_model=[out0] * 3)
     with pytest.raises(ValueError, match="synth.seed is not used"):
         dataclasses.replace(cfg, synth={**TINY.synth, "seed": 3})
+    with pytest.raises(ValueError, match="align.reference_seed is not used"):
+        dataclasses.replace(cfg, align={**TINY.align, "reference_seed": 3})

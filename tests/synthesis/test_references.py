@@ -61,6 +61,24 @@ def test_the_first_k_references_are_the_first_k_files(shifted):
     assert torch.equal(first.images, every.images[:3]) and first.files == every.files[:3]
 
 
+def test_a_reference_seed_draws_k_files_at_random_nested_over_k(shifted):
+    out, _ = shifted
+    spec = load_dataset(out)
+    prep = plan_preprocessing(spec, spec.training, (32, 32))
+    every = read_references(out / "references", prep, k=None)
+    by_file = dict(zip(every.files, every.images, strict=True))
+    draws = {s: read_references(out / "references", prep, k=3, order_seed=s) for s in range(4)}
+    for seed, drawn in draws.items():
+        # the same file, prepared the same way, whatever the draw
+        assert all(torch.equal(by_file[f], x) for f, x in zip(drawn.files, drawn.images))
+        again = read_references(out / "references", prep, k=3, order_seed=seed)
+        assert again.files == drawn.files  # one seed, one draw
+        one = read_references(out / "references", prep, k=1, order_seed=seed)
+        assert one.files == drawn.files[:1]  # K = 1 among K = 3
+    assert len({tuple(d.files) for d in draws.values()}) > 1
+    assert any(d.files != every.files[:3] for d in draws.values())
+
+
 def _folder_with_slices(tmp_path, record):
     src = make_nnunet_dataset(tmp_path / "ds", n_train=2, n_test=1)
     refs = tmp_path / "refs"

@@ -125,10 +125,13 @@ def _zero_level(volume, slices: torch.Tensor) -> torch.Tensor | None:
     return slices.amin(dim=(0, 2, 3))
 
 
-def read_references(folder: str | Path, prep: Preprocessing, k: int | None) -> References:
-    """The first ``k`` image files of ``folder`` (sorted by name), prepared exactly as the
-    segmenter prepares a target scan with ``prep`` (a volume gives all its slices, or those
-    that ``folder/slices.json`` names for it, each prepared with the whole volume)."""
+def read_references(
+    folder: str | Path, prep: Preprocessing, k: int | None, order_seed: int | None = None
+) -> References:
+    """The first ``k`` image files of ``folder`` (sorted by name, or shuffled with
+    ``order_seed``), prepared exactly as the segmenter prepares a target scan with ``prep``
+    (a volume gives all its slices, or those that ``folder/slices.json`` names for it, each
+    prepared with the whole volume)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "reference folder not found")
@@ -139,6 +142,9 @@ def read_references(folder: str | Path, prep: Preprocessing, k: int | None) -> R
     unknown = set(chosen) - {case.images[0].name for case in cases}
     if unknown:
         raise DataError(folder / REFERENCE_SLICES, f"names files not there: {sorted(unknown)}")
+    if order_seed is not None:
+        order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(order_seed))
+        cases = [cases[i] for i in order.tolist()]
     cases = cases[:k] if k is not None else cases
     images, fg = [], []
     for case in cases:
@@ -267,7 +273,7 @@ def align(
             f"{checkpoint}: is already aligned (to {model.alignment['references'][:1]}...); "
             "align the stage-1 checkpoint instead"
         )
-    refs = read_references(references, model.prep, cfg.k)
+    refs = read_references(references, model.prep, cfg.k, cfg.reference_seed)
     pool = _mask_pool(model, cfg, source, gen)
     # a fixed evaluation batch: the same masks and noise before and after
     index = pool.evaluation(max(cfg.batch_size, 8), gen)

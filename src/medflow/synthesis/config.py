@@ -186,6 +186,9 @@ class AlignConfig:
 
     Attributes:
         k: use the first ``k`` reference files (sorted by name); None uses all.
+        reference_seed: None keeps the files in name order; an int shuffles them with
+            this seed before the first ``k`` are taken (so K references are a random draw,
+            and one seed's K = 1 files are among its K = 5 files).
         steps: optimiser steps.
         batch_size: images generated per step.
         sampler_steps: Euler steps of the sampler the reward is back-propagated through.
@@ -231,6 +234,7 @@ class AlignConfig:
     """
 
     k: int | None = None
+    reference_seed: int | None = None
     steps: int = 100
     batch_size: int = 8
     sampler_steps: int = 4

@@ -131,6 +131,10 @@ class HarnessConfig:
             the share follows the counts, 96 synthetic to 96 real by default).
         segmenter: ``TrainConfig`` fields of the downstream segmenter.
         synth: ``SynthConfig`` fields of stage 1.
+        draw_references: every replicate draws its K references at random with its seed
+            (``AlignConfig.reference_seed``; nested: its K = 1 file is among its K = 5),
+            so the gains average over which references a site gives, not one fixed
+            first K; False: the first K files by name for every replicate.
         stage1_per_seed: train stage 1 once per replicate, seeded with the replicate's
             seed (``SynthConfig.seed``; ``synth`` must not set it), so every replicate
             draws, aligns and samples its own stage 1; False: one stage 1 for all.
@@ -150,6 +154,7 @@ class HarnessConfig:
     synth: dict = field(default_factory=dict)
     align: dict = field(default_factory=dict)
     stage1_per_seed: bool = False
+    draw_references: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.baselines) - set(BASELINES)
@@ -163,6 +168,10 @@ class HarnessConfig:
             raise ValueError(f"synthetic_fraction must be in [0, 1), got {self.synthetic_fraction}")
         if self.stage1_per_seed and "seed" in self.synth:
             raise ValueError("stage1_per_seed seeds stage 1 by replicate: synth.seed is not used")
+        if self.draw_references and self.align.get("reference_seed") is not None:
+            raise ValueError(
+                "draw_references shuffles by replicate: align.reference_seed is not used"
+            )
         self._check_judge()
 
     def _check_judge(self) -> None:
@@ -327,12 +336,27 @@ def _augmented(h: _Harness, seed: int) -> Path:
     )
 
 
+def _reference_seed(h: _Harness, seed: int) -> int | None:
+    """The replicate's shuffle of the references (``AlignConfig.reference_seed``): its seed
+    with ``draw_references``, else ``align.reference_seed`` (None: the first K by name)."""
+    return seed if h.cfg.draw_references else AlignConfig(**h.cfg.align).reference_seed
+
+
 def _histogram(h: _Harness, seed: int, k: int) -> Path:
+    order = _reference_seed(h, seed)
+
     def make(path: Path) -> None:
-        refs = read_references(h.target / "references", h.model(seed).prep, k)
+        refs = read_references(h.target / "references", h.model(seed).prep, k, order)
         histogram_matched_dataset(h.source, refs, path)
 
-    return h.dataset(f"histmatch_k{k}", make)  # deterministic: one for every replicate
+    # deterministic: one for every replicate with the same references
+    return h.dataset(f"histmatch_k{k}" + _drawn(order), make)
+
+
+def _drawn(order: int | None) -> str:
+    """The folder-name tail of references shuffled with ``order`` (none in name order), so
+    that ``reuse`` never reads back a set aligned to other references."""
+    return "" if order is None else f"_refs{order}"
 
 
 @dataclass(frozen=True)
@@ -354,10 +378,12 @@ class _Route:
             name = "translated" + (f" t0={self.start_time:g}" if self.start_time else "")
         return name if self.judged else f"{name} without judge"
 
-    def names(self, k: int, seed: int) -> tuple[str, str]:
-        """The alignment's run folder and the dataset's folder: distinct per route, so that
-        ``reuse`` reads back the alignment of this route and no other."""
+    def names(self, k: int, seed: int, order: int | None = None) -> tuple[str, str]:
+        """The alignment's run folder and the dataset's folder: distinct per route and
+        reference order (:func:`_drawn`), so that ``reuse`` reads back the alignment of
+        this route and these references and no other."""
         tail = f"k{k}_seed{seed}" if self.judged else f"nojudge_k{k}_seed{seed}"
+        tail += _drawn(order)
         if self.masks == "flow":
             return f"align_{tail}", f"aligned_{tail}"
         t0 = f"_t{self.start_time:g}" if self.start_time else ""
@@ -386,7 +412,8 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
     sampled for mask-flow masks, or for the real masks (and images) of :func:`_real_draw`.
     Its ``align.json`` is kept under ``k`` (mask-flow route, as before the other routes) or
     the synthetic set's name."""
-    run, name = route.names(k, seed)
+    order = _reference_seed(h, seed)
+    run, name = route.names(k, seed, order)
     aligned = h.out / "synth" / run / "synth.pt"
     key = k if route == FLOW else f"{route.label} K={k}"
     done = seed in h.alignment.get(key, {}) or (h.reuse and aligned.exists())
@@ -394,6 +421,7 @@ def _aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> Path:
         what = "" if route == FLOW else f" ({route.label})"
         h.say(f"stage 2{what}: aligning to K={k} reference(s), seed {seed}")
         fields = {"k": k, "seed": seed, "masks": route.masks, "start_time": route.start_time}
+        fields["reference_seed"] = order
         fields.update(_judge_fields(h, seed, route))
         align(
             h.stage1[seed],
@@ -423,7 +451,7 @@ def _augmented_aligned(h: _Harness, seed: int, k: int, route: _Route = FLOW) -> 
     axis = h.model(seed).prep.slice_axis
     copies = h.cfg.augment_copies
     return h.dataset(
-        f"augmented_{route.names(k, seed)[1]}",
+        f"augmented_{route.names(k, seed, _reference_seed(h, seed))[1]}",
         lambda p: augmented_dataset(aligned, p, copies, axis, seed),
     )
 
