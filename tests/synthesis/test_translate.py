@@ -263,7 +263,7 @@ def test_a_translation_arm_has_its_own_alignment_and_reuse_reads_it_back(
 
     def run(reuse):
         return harness._Harness(
-            source, target, tmp_path / "out", cfg, stage1, "cpu", reuse, lambda m: None
+            source, target, tmp_path / "out", cfg, {0: stage1}, "cpu", reuse, lambda m: None
         )
 
     h = run(reuse=False)
